@@ -1,0 +1,56 @@
+"""``BaseMiner``: the template every miner follows (validate -> ``mine()`` without gradient -> check)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from losses.distances import BaseDistance, LpDistance
+from miners.mined import Mined
+from miners.tuples import Inputs, resolve_inputs
+
+
+class BaseMiner(nn.Module):
+    """A miner picks informative tuples from a batch; it never computes a loss.
+
+    Subclasses implement ``mine(inputs) -> Mined`` only. ``forward`` validates the inputs, fills
+    the reference set with the batch when none is given, runs ``mine`` under ``torch.no_grad`` on
+    detached embeddings, and checks that every returned index is in range.
+
+    Args:
+        distance: the distance shared with the loss; ``default_distance()`` when omitted
+            (``LpDistance(normalize_embeddings=True)``, as in pytorch-metric-learning).
+    """
+
+    def __init__(self, distance: BaseDistance | None = None) -> None:
+        super().__init__()
+        self.distance = distance if distance is not None else self.default_distance()
+
+    def default_distance(self) -> BaseDistance:
+        return LpDistance(normalize_embeddings=True)
+
+    def forward(
+        self,
+        emb: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Mined:
+        """``emb: [B, D]``, ``labels: [B]``; optional reference set ``ref_emb: [M, D]``, ``ref_labels: [M]``."""
+        inputs = resolve_inputs(emb, labels, ref_emb, ref_labels, who=type(self).__name__)
+        with torch.no_grad():
+            detached = Inputs(
+                inputs.emb.detach(),
+                inputs.labels,
+                inputs.emb.detach() if inputs.same_set else inputs.ref_emb.detach(),
+                inputs.ref_labels,
+                inputs.same_set,
+            )
+            mined = self.mine(detached)
+        if not isinstance(mined, Mined):
+            raise TypeError(f"{type(self).__name__}.mine must return a Mined, got {type(mined).__name__}")
+        mined.validate(len(inputs.emb), len(inputs.ref_emb))
+        return mined
+
+    def mine(self, inputs: Inputs) -> Mined:
+        raise NotImplementedError

@@ -1,0 +1,219 @@
+"""The miner -> loss contract: ``Mined`` index tuples, per-tuple weights, and a mixing spec.
+
+Every index in a ``Mined`` points into two sets: the anchor (first) index of a tuple into the query
+embeddings ``emb`` and every other index into the reference set ``ref_emb`` (which is ``emb`` itself
+when no reference set is given, as in pytorch-metric-learning). A loss asks for the form it needs
+(``as_pairs()`` or ``as_triplets()``) and never asks which miner produced the tuples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Pairs(NamedTuple):
+    """Positive pairs ``(a1[i], p[i])`` and negative pairs ``(a2[j], n[j])`` with their weights."""
+
+    a1: Tensor
+    p: Tensor
+    a2: Tensor
+    n: Tensor
+    pos_weights: Tensor | None
+    neg_weights: Tensor | None
+
+
+class Triplets(NamedTuple):
+    """Triplets ``(a[i], p[i], n[i])`` with optional per-triplet weights."""
+
+    a: Tensor
+    p: Tensor
+    n: Tensor
+    weights: Tensor | None
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """Synthetic points defined as convex combinations of two existing rows.
+
+    Synthetic point ``m`` is ``coeff[m] * first[m] + (1 - coeff[m]) * second[m]``, where ``first``
+    and ``second`` index rows of the set named by ``first_source`` / ``second_source`` ("query" for
+    ``emb``, "ref" for the reference set). Point ``m`` is compared with query row ``anchors[m]``;
+    ``pos_weight[m]`` is its soft label: how much it counts as a positive of that anchor (0 for a
+    pure synthetic negative, as in MoCHi; ``lambda`` for a Metrix positive/negative mix).
+
+    ``materialize`` builds the points; methods decide whether they carry gradient.
+    """
+
+    anchors: Tensor
+    first: Tensor
+    second: Tensor
+    coeff: Tensor
+    pos_weight: Tensor
+    first_source: str = "ref"
+    second_source: str = "ref"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.anchors)
+        for name in ("first", "second", "coeff", "pos_weight"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"MixSpec.{name} has {len(getattr(self, name))} entries; expected {n} (one per anchor)")
+        for name in ("first_source", "second_source"):
+            if getattr(self, name) not in ("query", "ref"):
+                raise ValueError(f"MixSpec.{name} must be 'query' or 'ref', got {getattr(self, name)!r}")
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+    def materialize(self, emb: Tensor, ref_emb: Tensor | None = None, detach: bool = True) -> Tensor:
+        """Return the synthetic points ``[M, D]`` (L2-normalised when ``normalize``)."""
+        ref_emb = emb if ref_emb is None else ref_emb
+        sources = {"query": emb, "ref": ref_emb}
+        a = sources[self.first_source][self.first]
+        b = sources[self.second_source][self.second]
+        c = self.coeff.to(a.dtype).unsqueeze(1)
+        mixed = c * a + (1 - c) * b
+        if self.normalize:
+            mixed = F.normalize(mixed, dim=1)
+        return mixed.detach() if detach else mixed
+
+
+def _long(x: Tensor | None) -> Tensor | None:
+    return None if x is None else torch.as_tensor(x).long()
+
+
+@dataclass(frozen=True)
+class Mined:
+    """What a miner returns: pairs and/or triplets into the reference set, and optional extras.
+
+    Fields:
+        pos_pairs: ``(a, p)`` anchors into ``emb``, positives into the reference set.
+        neg_pairs: ``(a, n)`` likewise for negatives.
+        triplets: ``(a, p, n)``.
+        pos_weights / neg_weights / triplet_weights: per-tuple weights (soft labels, false-negative
+            down-weighting); ``None`` means all ones.
+        mix: synthetic points to add (see ``MixSpec``).
+    """
+
+    pos_pairs: tuple[Tensor, Tensor] | None = None
+    neg_pairs: tuple[Tensor, Tensor] | None = None
+    triplets: tuple[Tensor, Tensor, Tensor] | None = None
+    pos_weights: Tensor | None = None
+    neg_weights: Tensor | None = None
+    triplet_weights: Tensor | None = None
+    mix: MixSpec | None = field(default=None)
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pairs(
+        cls,
+        a1: Tensor,
+        p: Tensor,
+        a2: Tensor,
+        n: Tensor,
+        pos_weights: Tensor | None = None,
+        neg_weights: Tensor | None = None,
+    ) -> "Mined":
+        return cls(pos_pairs=(_long(a1), _long(p)), neg_pairs=(_long(a2), _long(n)), pos_weights=pos_weights, neg_weights=neg_weights)
+
+    @classmethod
+    def from_triplets(cls, a: Tensor, p: Tensor, n: Tensor, weights: Tensor | None = None) -> "Mined":
+        return cls(triplets=(_long(a), _long(p), _long(n)), triplet_weights=weights)
+
+    @classmethod
+    def from_tuple(cls, indices: tuple[Tensor, ...]) -> "Mined":
+        """Accept pytorch-metric-learning's ``indices_tuple``: ``(a, p, n)`` or ``(a1, p, a2, n)``."""
+        if len(indices) == 3:
+            return cls.from_triplets(*indices)
+        if len(indices) == 4:
+            return cls.from_pairs(*indices)
+        raise ValueError(f"an indices tuple has 3 (triplets) or 4 (pairs) tensors, got {len(indices)}")
+
+    # ------------------------------------------------------------------------------ conversions
+    @property
+    def has_pairs(self) -> bool:
+        return self.pos_pairs is not None or self.neg_pairs is not None
+
+    @property
+    def has_triplets(self) -> bool:
+        return self.triplets is not None
+
+    def as_pairs(self) -> Pairs:
+        """Pairs as pytorch-metric-learning's ``convert_to_pairs``: triplet ``(a, p, n)`` gives ``(a, p)`` and ``(a, n)``."""
+        if self.has_pairs:
+            device = self._device()
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            a1, p = self.pos_pairs if self.pos_pairs is not None else (empty, empty)
+            a2, n = self.neg_pairs if self.neg_pairs is not None else (empty, empty)
+            return Pairs(a1, p, a2, n, self.pos_weights, self.neg_weights)
+        if self.has_triplets:
+            a, p, n = self.triplets
+            return Pairs(a, p, a, n, self.triplet_weights, self.triplet_weights)
+        empty = torch.empty(0, dtype=torch.long)
+        return Pairs(empty, empty, empty, empty, None, None)
+
+    def as_triplets(self) -> Triplets:
+        """Triplets as ``convert_to_triplets``: every positive pair joined with every negative pair of the same anchor.
+
+        The weight of a joined triplet is the product of its two pair weights.
+        """
+        if self.has_triplets:
+            return Triplets(*self.triplets, self.triplet_weights)
+        a1, p, a2, n, pw, nw = self.as_pairs()
+        pi, ni = torch.where(a1.unsqueeze(1) == a2.unsqueeze(0))
+        weights = None
+        if pw is not None or nw is not None:
+            ones_p = torch.ones(len(a1), device=a1.device) if pw is None else pw
+            ones_n = torch.ones(len(a2), device=a2.device) if nw is None else nw
+            weights = ones_p[pi] * ones_n[ni]
+        return Triplets(a1[pi], p[pi], n[ni], weights)
+
+    def to_tuple(self) -> tuple[Tensor, ...]:
+        """pytorch-metric-learning's ``indices_tuple`` form (triplets if present, else pairs)."""
+        if self.has_triplets:
+            return tuple(self.triplets)
+        return tuple(self.as_pairs()[:4])
+
+    def __len__(self) -> int:
+        """Number of tuples: triplets if present, else positive plus negative pairs."""
+        if self.has_triplets:
+            return len(self.triplets[0])
+        a1, _, a2, _, _, _ = self.as_pairs()
+        return len(a1) + len(a2)
+
+    # ------------------------------------------------------------------------------- validation
+    def validate(self, n_query: int, n_ref: int) -> None:
+        """Raise ``ValueError`` if any index is out of range or a weight does not match its tuples."""
+        groups = {
+            "pos_pairs": (self.pos_pairs, self.pos_weights),
+            "neg_pairs": (self.neg_pairs, self.neg_weights),
+            "triplets": (self.triplets, self.triplet_weights),
+        }
+        for name, (tensors, weights) in groups.items():
+            if tensors is None:
+                if weights is not None:
+                    raise ValueError(f"Mined has weights for {name} but no {name}")
+                continue
+            lengths = {len(t) for t in tensors}
+            if len(lengths) != 1:
+                raise ValueError(f"Mined.{name} tensors have different lengths {sorted(lengths)}")
+            for pos, t in enumerate(tensors):
+                if t.dtype != torch.long or t.dim() != 1:
+                    raise ValueError(f"Mined.{name}[{pos}] must be a 1-D int64 tensor, got {t.dtype} {tuple(t.shape)}")
+                bound = n_query if pos == 0 else n_ref
+                if len(t) and (int(t.min()) < 0 or int(t.max()) >= bound):
+                    which = "query" if pos == 0 else "reference"
+                    raise ValueError(f"Mined.{name}[{pos}] indexes outside the {which} set of size {bound}")
+            if weights is not None and weights.shape != (lengths.pop(),):
+                raise ValueError(f"Mined weights for {name} have shape {tuple(weights.shape)}; expected one per tuple")
+
+    def _device(self) -> torch.device:
+        for group in (self.pos_pairs, self.neg_pairs, self.triplets):
+            if group is not None:
+                return group[0].device
+        return torch.device("cpu")
