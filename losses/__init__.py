@@ -1,0 +1,21 @@
+"""Losses over embeddings, optionally restricted to mined tuples.
+
+One class per file, named after the class. ``from losses import TripletMarginLoss``.
+"""
+
+from losses.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from losses.base_loss import BaseLoss
+from losses.triplet_margin_loss import TripletMarginLoss
+from losses.contrastive_loss import ContrastiveLoss
+from losses.multi_similarity_loss import MultiSimilarityLoss
+from losses.ntxent_loss import NTXentLoss
+from losses.sup_con_loss import SupConLoss
+from losses.proxy_anchor_loss import ProxyAnchorLoss
+from losses.circle_loss import CircleLoss
+from losses.debiased_contrastive_loss import DebiasedContrastiveLoss
+
+__all__ = [
+    "BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance", "BaseLoss", "TripletMarginLoss",
+    "ContrastiveLoss", "MultiSimilarityLoss", "NTXentLoss", "SupConLoss", "ProxyAnchorLoss", "CircleLoss",
+    "DebiasedContrastiveLoss",
+]

@@ -1,0 +1,73 @@
+"""Circle loss (pair form)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from losses.base_loss import BaseLoss
+from losses.distances import BaseDistance, CosineSimilarity
+from losses.pair_matrix import check_disjoint, check_weights, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.reducers import mean_nonzero
+from miners.mined import Mined
+from miners.tuples import Inputs, all_pairs
+
+
+class CircleLoss(BaseLoss):
+    """Circle loss with pair-wise labels, self-paced weights on each similarity.
+
+    Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization" (CVPR 2020),
+    Eq. 6 with the settings of Eq. 8 (``O_p = 1 + m``, ``O_n = -m``, ``Delta_p = 1 - m``,
+    ``Delta_n = m``). For anchor ``a``::
+
+        alpha_p = [O_p - s_ap]_+ (no gradient)       alpha_n = [s_an - O_n]_+ (no gradient)
+        L_a = softplus( log sum_{p in P(a)} w_ap exp(-gamma alpha_p (s_ap - Delta_p))
+                      + log sum_{n in N(a)} w_an exp( gamma alpha_n (s_an - Delta_n)) )
+
+    ``L_a = 0`` for anchors without a mined positive or negative; the loss averages ``L_a`` over
+    the anchors with ``L_a > 0`` (``AvgNonZeroReducer``).
+
+    Weights: a pair's weight multiplies its exponential term inside its log-sum, so weight 0 is
+    the same as not mining the pair. Duplicate pairs count once, with their largest weight. Without
+    weights the value equals pytorch-metric-learning 2.9's ``CircleLoss`` (except that PML returns 0
+    for a batch with at most one pair of each kind).
+
+    Args:
+        m: the relaxation margin.
+        gamma: the scale factor.
+        distance: must be ``CosineSimilarity`` (the optima ``O_p``, ``O_n`` assume similarities in [-1, 1]).
+    """
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, distance: BaseDistance | None = None) -> None:
+        super().__init__(distance=distance)
+        if not isinstance(self.distance, CosineSimilarity):
+            raise ValueError(f"CircleLoss needs distance=CosineSimilarity(); got {type(self.distance).__name__}")
+        self.m = m
+        self.gamma = gamma
+
+    def default_distance(self) -> BaseDistance:
+        return CosineSimilarity()
+
+    def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
+        if mined is None:
+            mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
+        a1, p, a2, n, pw, nw = mined.as_pairs()
+        check_weights(pw, "pos_weights")
+        check_weights(nw, "neg_weights")
+        zero = self.zero_loss(inputs)
+        if len(a1) == 0 or len(a2) == 0:
+            return zero
+        sim = self.distance(inputs.emb, inputs.ref_emb)
+        sim = sim.to(work_dtype(sim.dtype))
+        pos_w = pair_weight_matrix(a1, p, pw, tuple(sim.shape), sim.dtype)
+        neg_w = pair_weight_matrix(a2, n, nw, tuple(sim.shape), sim.dtype)
+        check_disjoint(pos_w, neg_w, type(self).__name__)
+        alpha_p = F.relu(1 + self.m - sim.detach())
+        alpha_n = F.relu(sim.detach() + self.m)
+        lse_p = weighted_logsumexp(-self.gamma * alpha_p * (sim - (1 - self.m)), pos_w)
+        lse_n = weighted_logsumexp(self.gamma * alpha_n * (sim - self.m), neg_w)
+        valid = (pos_w > 0).any(dim=1) & (neg_w > 0).any(dim=1)
+        total = torch.where(valid, lse_p + lse_n, torch.zeros_like(lse_p))
+        losses = torch.where(valid, F.softplus(total), torch.zeros_like(total))
+        return mean_nonzero(losses, zero).to(inputs.emb.dtype)

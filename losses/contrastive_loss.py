@@ -1,0 +1,58 @@
+"""Contrastive (pair) loss."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from losses.base_loss import BaseLoss
+from losses.distances import BaseDistance
+from losses.pair_matrix import check_weights, work_dtype
+from losses.reducers import mean_nonzero, weighted
+from miners.mined import Mined
+from miners.tuples import Inputs, all_pairs
+
+
+class ContrastiveLoss(BaseLoss):
+    """Pull positive pairs within ``pos_margin``, push negative pairs beyond ``neg_margin``.
+
+    Hadsell, Chopra, LeCun, "Dimensionality Reduction by Learning an Invariant Mapping" (CVPR 2006),
+    Eq. 4, in pytorch-metric-learning's two-margin form. For a distance ``d``::
+
+        L_pos(a, p) = [d(a, p) - pos_margin]_+        L_neg(a, n) = [neg_margin - d(a, n)]_+
+
+    and for a similarity ``s`` the signs flip (``[pos_margin - s]_+``, ``[s - neg_margin]_+``).
+    The loss is ``mean_nonzero(w+ * L_pos) + mean_nonzero(w- * L_neg)``: each part is averaged
+    over its pairs whose weighted loss is > 0 (``AvgNonZeroReducer``) and is 0 when it has none.
+
+    Weights: ``pos_weights`` / ``neg_weights`` (or a triplet's weight, given to both of its pairs)
+    multiply each pair's hinge before the average; a pair with weight 0 drops out of the count.
+    Without weights the value equals pytorch-metric-learning 2.9's ``ContrastiveLoss``, except that
+    a batch with a single positive and a single negative pair gives its loss (PML returns 0 there).
+
+    Args:
+        pos_margin: positives closer than this (a distance) cost nothing.
+        neg_margin: negatives farther than this cost nothing.
+        distance: default ``LpDistance(normalize_embeddings=True)``.
+    """
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, distance: BaseDistance | None = None) -> None:
+        super().__init__(distance=distance)
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+
+    def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
+        if mined is None:
+            mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
+        a1, p, a2, n, pw, nw = mined.as_pairs()
+        check_weights(pw, "pos_weights")
+        check_weights(nw, "neg_weights")
+        zero = self.zero_loss(inputs)
+        if len(a1) + len(a2) == 0:
+            return zero
+        mat = self.distance(inputs.emb, inputs.ref_emb)
+        mat = mat.to(work_dtype(mat.dtype))
+        pos = F.relu(self.distance.margin(mat[a1, p], self.pos_margin))
+        neg = F.relu(self.distance.margin(self.neg_margin, mat[a2, n]))
+        loss = mean_nonzero(weighted(pos, pw), zero) + mean_nonzero(weighted(neg, nw), zero)
+        return loss.to(inputs.emb.dtype)

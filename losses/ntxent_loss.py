@@ -1,0 +1,69 @@
+"""NT-Xent / InfoNCE loss with labels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from losses.base_loss import BaseLoss
+from losses.distances import BaseDistance, CosineSimilarity
+from losses.pair_matrix import check_weights, pair_weight_matrix, weighted_logsumexp, work_dtype
+from miners.mined import Mined
+from miners.tuples import Inputs, all_pairs
+
+
+class NTXentLoss(BaseLoss):
+    """Normalised-temperature cross entropy (InfoNCE): one softmax term per positive pair.
+
+    van den Oord et al., "Representation Learning with Contrastive Predictive Coding" (2018), Eq. 4;
+    Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR,
+    2020), Eq. 1. With labels, every positive pair ``(a, p)`` gives one term whose denominator holds
+    that positive and every mined negative of the same anchor (pytorch-metric-learning's semantics)::
+
+        l(a, p) = -w+_ap * log( exp(s_ap / t) / (exp(s_ap / t) + sum_{n in N(a)} w-_an exp(s_an / t)) )
+
+    The loss is the mean of ``l`` over the positive pairs (``MeanReducer``: the sum divided by the
+    number of positive pairs, not by the sum of weights). ``s`` is the similarity, or minus the
+    distance for a distance. A positive pair whose anchor has no negative gives ``l = 0``; with no
+    positive or no negative pair at all the loss is 0.
+
+    Weights: ``pos_weights`` multiply each positive pair's term; ``neg_weights`` multiply each
+    negative's exponential in its anchor's denominator. A negative pair listed twice counts twice
+    (its weights add), as in PML. Without weights the value equals pytorch-metric-learning 2.9's
+    ``NTXentLoss`` (except that PML returns 0 for a batch with at most one pair of each kind).
+
+    Memory is ``O(B * M)``: the negatives of each anchor are summed once with a masked log-sum-exp
+    and shared by all its positive pairs (PML materialises ``[P, N]``, which is ``O(B^3)``).
+
+    Args:
+        temperature: the softmax temperature ``t``.
+        distance: default ``CosineSimilarity()``.
+    """
+
+    def __init__(self, temperature: float = 0.07, distance: BaseDistance | None = None) -> None:
+        super().__init__(distance=distance)
+        if temperature <= 0:
+            raise ValueError(f"NTXentLoss: temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def default_distance(self) -> BaseDistance:
+        return CosineSimilarity()
+
+    def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
+        if mined is None:
+            mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
+        a1, p, a2, n, pw, nw = mined.as_pairs()
+        check_weights(pw, "pos_weights")
+        check_weights(nw, "neg_weights")
+        if len(a1) == 0 or len(a2) == 0:
+            return self.zero_loss(inputs)
+        mat = self.distance(inputs.emb, inputs.ref_emb)
+        mat = mat.to(work_dtype(mat.dtype))
+        logits = (mat if self.distance.is_inverted else -mat) / self.temperature
+        neg_w = pair_weight_matrix(a2, n, nw, tuple(logits.shape), logits.dtype, accumulate=True)
+        neg_lse = weighted_logsumexp(logits, neg_w)[a1]
+        pos = logits[a1, p]
+        losses = torch.logaddexp(pos, neg_lse) - pos
+        if pw is not None:
+            losses = losses * pw.to(losses.dtype)
+        return losses.mean().to(inputs.emb.dtype)

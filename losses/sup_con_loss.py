@@ -1,0 +1,74 @@
+"""Supervised contrastive loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from losses.base_loss import BaseLoss
+from losses.distances import BaseDistance, CosineSimilarity
+from losses.pair_matrix import check_disjoint, check_weights, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.reducers import mean_nonzero
+from miners.mined import Mined
+from miners.tuples import Inputs, all_pairs
+
+
+class SupConLoss(BaseLoss):
+    """Supervised contrastive loss, the ``L_out`` form (the mean over positives outside the log).
+
+    Khosla et al., "Supervised Contrastive Learning" (NeurIPS 2020), Eq. 2. For anchor ``a`` with
+    mined positives ``P(a)`` and negatives ``N(a)``::
+
+        L_a = -1/|P(a)| * sum_{p in P(a)} w_ap * log( exp(s_ap / t) / Z_a ),
+        Z_a = sum_{k in P(a)} exp(s_ak / t) + sum_{n in N(a)} w_an exp(s_an / t)
+
+    ``s`` is the similarity, or minus the distance for a distance. The loss averages ``L_a`` over
+    the anchors with ``L_a > 0`` (``AvgNonZeroReducer``); anchors without a positive give 0, and so
+    does a batch without any positive or without any negative pair.
+
+    Weights: a positive pair's weight multiplies its log-probability term (``|P(a)|`` stays the
+    number of positives with weight > 0; a positive enters ``Z_a`` unweighted so that every term is
+    a log-probability <= 0); a negative pair's weight multiplies its exponential in ``Z_a``. Weight 0
+    is the same as not mining the pair. Duplicate pairs count once, with their largest weight.
+    Without weights the value equals pytorch-metric-learning 2.9's ``SupConLoss`` (except that PML
+    returns 0 for a batch with at most one pair of each kind). Memory is ``O(B * M)``.
+
+    Args:
+        temperature: the softmax temperature ``t``.
+        distance: default ``CosineSimilarity()``.
+    """
+
+    def __init__(self, temperature: float = 0.1, distance: BaseDistance | None = None) -> None:
+        super().__init__(distance=distance)
+        if temperature <= 0:
+            raise ValueError(f"SupConLoss: temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def default_distance(self) -> BaseDistance:
+        return CosineSimilarity()
+
+    def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
+        if mined is None:
+            mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
+        a1, p, a2, n, pw, nw = mined.as_pairs()
+        check_weights(pw, "pos_weights")
+        check_weights(nw, "neg_weights")
+        zero = self.zero_loss(inputs)
+        if len(a1) == 0 or len(a2) == 0:
+            return zero
+        mat = self.distance(inputs.emb, inputs.ref_emb)
+        mat = mat.to(work_dtype(mat.dtype))
+        shape = tuple(mat.shape)
+        pos_w = pair_weight_matrix(a1, p, pw, shape, mat.dtype)
+        neg_w = pair_weight_matrix(a2, n, nw, shape, mat.dtype)
+        check_disjoint(pos_w, neg_w, type(self).__name__)
+        is_pos = pos_w > 0
+        if not bool(is_pos.any()) or not bool((neg_w > 0).any()):
+            return zero
+        logits = (mat if self.distance.is_inverted else -mat) / self.temperature
+        log_z = weighted_logsumexp(logits, torch.where(is_pos, torch.ones_like(pos_w), neg_w))
+        count = is_pos.sum(dim=1)
+        log_z = torch.where(count > 0, log_z, torch.zeros_like(log_z))
+        log_prob_sum = (pos_w * logits).sum(dim=1) - pos_w.sum(dim=1) * log_z
+        losses = -log_prob_sum / count.clamp(min=1).to(logits.dtype)
+        return mean_nonzero(losses, zero).to(inputs.emb.dtype)
