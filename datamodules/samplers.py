@@ -1,0 +1,104 @@
+"""Batch construction as mining: the class-balanced P x K batch sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    """Batches of ``P`` classes x ``K`` samples per class, DDP-aware and deterministic for a seed.
+
+    The standard batch construction for batch-hard and other in-batch mining (Hermans et al.,
+    "In Defense of the Triplet Loss for Person Re-Identification", 2017, Sec. 3: "PK batches").
+
+    Under DDP every global step draws ``P * world_size`` distinct classes; rank ``r`` takes classes
+    ``r*P .. (r+1)*P - 1``, so ranks see disjoint shards with the same P x K structure and the
+    gathered global batch is a ``(P * world_size) x K`` batch. Every rank builds the same global
+    schedule from ``seed`` and the epoch, so no communication is needed. Within a class, samples are
+    drawn without replacement from a per-epoch permutation and reshuffled when exhausted, so an
+    epoch visits every sample of a class before repeating one.
+
+    A class with fewer than ``K`` samples is an error unless ``repeat_small_classes``: then its
+    ``K`` slots cycle through a permutation of its samples (each appears ``floor(K/n)`` or
+    ``ceil(K/n)`` times), as pytorch-metric-learning's ``MPerClassSampler`` and the Metrix code's
+    balanced sampler do; SOP and In-Shop have classes of 2-4 images.
+
+    Args:
+        labels: the class label of every sample of the dataset.
+        classes_per_batch: ``P``.
+        samples_per_class: ``K``; every class must have at least ``K`` samples.
+        num_batches: batches per epoch per rank; default: dataset size // global batch size.
+        seed: the global seed; the epoch is mixed in by ``set_epoch``.
+        rank, world_size: this process's place in DDP (``0, 1`` on a single process).
+        repeat_small_classes: allow classes with fewer than ``K`` samples (see above).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        classes_per_batch: int,
+        samples_per_class: int,
+        num_batches: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        repeat_small_classes: bool = False,
+    ) -> None:
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+        if classes_per_batch < 1 or samples_per_class < 1:
+            raise ValueError(f"ClassBalancedBatchSampler needs P >= 1 and K >= 1, got P={classes_per_batch}, K={samples_per_class}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        classes, counts = np.unique(labels, return_counts=True)
+        needed = classes_per_batch * world_size
+        if needed > len(classes):
+            raise ValueError(
+                f"ClassBalancedBatchSampler: a global batch needs {needed} classes (P={classes_per_batch} x "
+                f"{world_size} ranks) but the split has only {len(classes)}; lower classes_per_batch"
+            )
+        small = classes[counts < samples_per_class]
+        if len(small) and not repeat_small_classes:
+            raise ValueError(
+                f"ClassBalancedBatchSampler: K={samples_per_class} samples per class, but {len(small)} classes have fewer "
+                f"(e.g. class {small[0]} has {counts[classes == small[0]][0]}); lower samples_per_class, drop those classes "
+                f"or pass repeat_small_classes=True"
+            )
+        self.classes = classes
+        self.members = [np.flatnonzero(labels == c) for c in classes]
+        self.P, self.K = classes_per_batch, samples_per_class
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        global_batch = self.P * self.K * world_size
+        self.num_batches = num_batches if num_batches is not None else max(1, len(labels) // global_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at each epoch start; every rank reshuffles the same way."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perms = [rng.permutation(m) for m in self.members]
+        cursors = np.zeros(len(self.members), dtype=np.int64)
+        lo, hi = self.rank * self.P, (self.rank + 1) * self.P
+        for _ in range(self.num_batches):
+            chosen = rng.choice(len(self.classes), size=self.P * self.world_size, replace=False)
+            batch: list[int] = []
+            for slot, c in enumerate(chosen):
+                if len(self.members[c]) < self.K:
+                    take = np.resize(rng.permutation(self.members[c]), self.K)
+                else:
+                    if cursors[c] + self.K > len(perms[c]):
+                        perms[c] = rng.permutation(self.members[c])
+                        cursors[c] = 0
+                    take = perms[c][cursors[c] : cursors[c] + self.K]
+                    cursors[c] += self.K
+                if lo <= slot < hi:
+                    batch.extend(int(i) for i in take)
+            yield batch
