@@ -41,12 +41,19 @@ class MixSpec:
     """Synthetic points defined as convex combinations of two existing rows.
 
     Synthetic point ``m`` is ``coeff[m] * first[m] + (1 - coeff[m]) * second[m]``, where ``first``
-    and ``second`` index rows of the set named by ``first_source`` / ``second_source`` ("query" for
-    ``emb``, "ref" for the reference set). Point ``m`` is compared with query row ``anchors[m]``;
-    ``pos_weight[m]`` is its soft label: how much it counts as a positive of that anchor (0 for a
-    pure synthetic negative, as in MoCHi; ``lambda`` for a Metrix positive/negative mix).
+    and ``second`` index rows of the set named by ``first_source`` / ``second_source``: "query" for
+    ``emb``, "ref" for the reference set, "both" for ``torch.cat([emb, ref_emb])`` (query rows
+    first; MoCHi mixes a query with its queue entries). Point ``m`` is compared with query row
+    ``anchors[m]``; ``pos_weight[m]`` in [0, 1] is its soft label: how much it counts as a positive
+    of that anchor (0 for a pure synthetic negative, as in MoCHi; ``lambda`` for a Metrix mix).
 
-    ``materialize`` builds the points; methods decide whether they carry gradient.
+    ``points`` (optional, ``[M, D]``): the synthetic embeddings when they were computed elsewhere,
+    e.g. Metrix mixes images or backbone features and embeds the mix; ``first``/``second``/``coeff``
+    then still say which rows were mixed and how (their labels give the soft labels). Without
+    ``points``, ``materialize`` mixes the embeddings (L2-normalised when ``normalize``).
+
+    ``detach``: whether the points are constants (MoCHi: no gradient reaches the queue or the
+    query through them) or carry gradient (Metrix). ``materialize`` honours it.
     """
 
     anchors: Tensor
@@ -57,6 +64,10 @@ class MixSpec:
     first_source: str = "ref"
     second_source: str = "ref"
     normalize: bool = True
+    detach: bool = True
+    points: Tensor | None = None
+
+    SOURCES = ("query", "ref", "both")
 
     def __post_init__(self) -> None:
         n = len(self.anchors)
@@ -64,23 +75,66 @@ class MixSpec:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"MixSpec.{name} has {len(getattr(self, name))} entries; expected {n} (one per anchor)")
         for name in ("first_source", "second_source"):
-            if getattr(self, name) not in ("query", "ref"):
-                raise ValueError(f"MixSpec.{name} must be 'query' or 'ref', got {getattr(self, name)!r}")
+            if getattr(self, name) not in self.SOURCES:
+                raise ValueError(f"MixSpec.{name} must be one of {self.SOURCES}, got {getattr(self, name)!r}")
+        if self.points is not None and (self.points.dim() != 2 or len(self.points) != n):
+            raise ValueError(f"MixSpec.points has shape {tuple(self.points.shape)}; expected [{n}, D] (one point per anchor)")
 
     def __len__(self) -> int:
         return len(self.anchors)
 
-    def materialize(self, emb: Tensor, ref_emb: Tensor | None = None, detach: bool = True) -> Tensor:
-        """Return the synthetic points ``[M, D]`` (L2-normalised when ``normalize``)."""
-        ref_emb = emb if ref_emb is None else ref_emb
-        sources = {"query": emb, "ref": ref_emb}
-        a = sources[self.first_source][self.first]
-        b = sources[self.second_source][self.second]
+    def rows(self, which: str, query: Tensor, ref: Tensor | None = None) -> Tensor:
+        """The rows ``which`` ("first" or "second") points at, taken from ``query`` / ``ref`` (embeddings or labels)."""
+        ref = query if ref is None else ref
+        source = getattr(self, f"{which}_source")
+        table = {"query": query, "ref": ref}.get(source)
+        if table is None:
+            table = torch.cat([query, ref.to(query.device)])
+        return table[getattr(self, which)]
+
+    def materialize(self, emb: Tensor, ref_emb: Tensor | None = None, detach: bool | None = None) -> Tensor:
+        """Return the synthetic points ``[M, D]``: ``points`` as given, else the mixes (normalised when ``normalize``).
+
+        ``detach``: ``None`` follows the spec's ``detach``.
+        """
+        detach = self.detach if detach is None else detach
+        if self.points is not None:
+            return self.points.detach() if detach else self.points
+        a = self.rows("first", emb, ref_emb)
+        b = self.rows("second", emb, ref_emb)
         c = self.coeff.to(a.dtype).unsqueeze(1)
         mixed = c * a + (1 - c) * b
         if self.normalize:
             mixed = F.normalize(mixed, dim=1)
         return mixed.detach() if detach else mixed
+
+    def validate(self, n_query: int, n_ref: int) -> None:
+        """Raise ``ValueError`` if an index is out of range or a soft label is outside [0, 1]."""
+        bounds = {"query": n_query, "ref": n_ref, "both": n_query + n_ref}
+        for name, source in (("anchors", "query"), ("first", self.first_source), ("second", self.second_source)):
+            t = getattr(self, name)
+            if t.dtype != torch.long or t.dim() != 1:
+                raise ValueError(f"MixSpec.{name} must be a 1-D int64 tensor, got {t.dtype} {tuple(t.shape)}")
+            if len(t) and (int(t.min()) < 0 or int(t.max()) >= bounds[source]):
+                raise ValueError(f"MixSpec.{name} indexes outside its {source} set of size {bounds[source]}")
+        if len(self) and (bool((self.pos_weight < 0).any()) or bool((self.pos_weight > 1).any())):
+            raise ValueError(f"MixSpec.pos_weight must be in [0, 1], got range [{float(self.pos_weight.min())}, {float(self.pos_weight.max())}]")
+
+
+def _join_by_anchor(a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
+    """``(i, j)`` for every ``a1[i] == a2[j]``, in the order of ``torch.where(a1[:, None] == a2[None])``.
+
+    A sort-based join, ``O((P + N) log N + output)``: the ``[P, N]`` comparison matrix it replaces
+    reached 10^8 entries for in-batch top-k mining at B = 2048.
+    """
+    order = torch.argsort(a2, stable=True)
+    sorted_a2 = a2[order]
+    start = torch.searchsorted(sorted_a2, a1, side="left")
+    counts = torch.searchsorted(sorted_a2, a1, side="right") - start
+    i = torch.repeat_interleave(torch.arange(len(a1), device=a1.device), counts)
+    first = torch.repeat_interleave(start - (torch.cumsum(counts, 0) - counts), counts)
+    j = order[first + torch.arange(len(i), device=a1.device)]
+    return i, j
 
 
 def _long(x: Tensor | None) -> Tensor | None:
@@ -154,7 +208,7 @@ class Mined:
         if self.has_triplets:
             a, p, n = self.triplets
             return Pairs(a, p, a, n, self.triplet_weights, self.triplet_weights)
-        empty = torch.empty(0, dtype=torch.long)
+        empty = torch.empty(0, dtype=torch.long, device=self._device())
         return Pairs(empty, empty, empty, empty, None, None)
 
     def as_triplets(self) -> Triplets:
@@ -165,7 +219,7 @@ class Mined:
         if self.has_triplets:
             return Triplets(*self.triplets, self.triplet_weights)
         a1, p, a2, n, pw, nw = self.as_pairs()
-        pi, ni = torch.where(a1.unsqueeze(1) == a2.unsqueeze(0))
+        pi, ni = _join_by_anchor(a1, a2)
         weights = None
         if pw is not None or nw is not None:
             ones_p = torch.ones(len(a1), device=a1.device) if pw is None else pw
@@ -211,9 +265,11 @@ class Mined:
                     raise ValueError(f"Mined.{name}[{pos}] indexes outside the {which} set of size {bound}")
             if weights is not None and weights.shape != (lengths.pop(),):
                 raise ValueError(f"Mined weights for {name} have shape {tuple(weights.shape)}; expected one per tuple")
+        if self.mix is not None:
+            self.mix.validate(n_query, n_ref)
 
     def _device(self) -> torch.device:
         for group in (self.pos_pairs, self.neg_pairs, self.triplets):
             if group is not None:
                 return group[0].device
-        return torch.device("cpu")
+        return self.mix.anchors.device if self.mix is not None else torch.device("cpu")

@@ -1,0 +1,25 @@
+"""Miners: pick informative tuples (and synthetic negatives) from a batch or a memory.
+
+One class per file, named after the class. ``from miners import BatchHardMiner``.
+"""
+
+from miners.mined import Mined, MixSpec, Pairs, Triplets
+from miners.base_miner import BaseMiner
+from miners.batch_hard_miner import BatchHardMiner
+from miners.batch_easy_hard_miner import BatchEasyHardMiner
+from miners.triplet_margin_miner import TripletMarginMiner
+from miners.multi_similarity_miner import MultiSimilarityMiner
+from miners.pair_margin_miner import PairMarginMiner
+from miners.distance_weighted_miner import DistanceWeightedMiner
+from miners.hard_negative_top_k_miner import HardNegativeTopKMiner
+from miners.memory import CrossBatchMemory
+from miners.mochi import MoCHi
+from miners.mochi_miner import MoCHiMiner
+from miners.metrix import Metrix
+
+__all__ = [
+    "Mined", "MixSpec", "Pairs", "Triplets", "BaseMiner", "BatchHardMiner",
+    "BatchEasyHardMiner", "TripletMarginMiner", "MultiSimilarityMiner", "PairMarginMiner",
+    "DistanceWeightedMiner", "HardNegativeTopKMiner", "CrossBatchMemory",
+    "MoCHi", "MoCHiMiner", "Metrix",
+]

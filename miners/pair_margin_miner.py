@@ -1,0 +1,43 @@
+"""Pairs that violate a positive or a negative margin."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from losses.distances import BaseDistance
+from miners.base_miner import BaseMiner
+from miners.mined import Mined
+from miners.tuples import Inputs, label_masks
+
+
+class PairMarginMiner(BaseMiner):
+    """Positive pairs farther than ``pos_margin`` and negative pairs closer than ``neg_margin``.
+
+    The pairs with a non-zero contrastive loss (Hadsell, Chopra, LeCun, "Dimensionality Reduction by
+    Learning an Invariant Mapping", CVPR 2006, Eq. 4, with the positive margin of the double-margin
+    form): under a distance ``D_ap > pos_margin`` and ``D_an < neg_margin``; under a similarity
+    ``S_ap < pos_margin`` and ``S_an > neg_margin``. Equals pytorch-metric-learning's
+    ``PairMarginMiner``.
+
+    Args:
+        pos_margin / neg_margin: thresholds in the units of the distance.
+        distance: shared with the loss; default ``LpDistance(normalize_embeddings=True)``.
+    """
+
+    def __init__(self, pos_margin: float = 0.2, neg_margin: float = 0.8, distance: Optional[BaseDistance] = None) -> None:
+        super().__init__(distance=distance)
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+
+    def mine(self, inputs: Inputs) -> Mined:
+        mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
+        pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+        if self.distance.is_inverted:
+            keep_pos, keep_neg = pos & (mat < self.pos_margin), neg & (mat > self.neg_margin)
+        else:
+            keep_pos, keep_neg = pos & (mat > self.pos_margin), neg & (mat < self.neg_margin)
+        a1, p = torch.where(keep_pos)
+        a2, n = torch.where(keep_neg)
+        return Mined.from_pairs(a1, p, a2, n)
