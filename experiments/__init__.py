@@ -1,0 +1,1 @@
+"""The ``hardneg`` command line, YAML config fragments, paper recipes, grids and reports."""

@@ -1,0 +1,86 @@
+"""Lightning callbacks every run uses: atomic checkpoints and the before/after retrieval report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from experiments.atomic import atomic_write_json
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose files are written to a temporary name and renamed into place.
+
+    Lightning writes checkpoints in place; a SIGKILL during the write leaves a truncated
+    ``last.ckpt`` and the run cannot resume. Here the rename makes each checkpoint appear whole or not
+    at all.
+    """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        folder, name = os.path.split(filepath)
+        tmp = os.path.join(folder, f".{name}.partial")
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero and os.path.exists(tmp):
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("AtomicModelCheckpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+
+class RetrievalReport(L.Callback):
+    """Test-set retrieval metrics before training (the untrained encoder) and after; printed and saved.
+
+    At the start of ``fit`` it evaluates the DataModule's test loader with the encoder as built
+    (e.g. ImageNet weights with a random head); at the end, with the trained weights. Both are
+    printed side by side and written atomically to ``<log_dir>/results.json``. The "before" numbers
+    are kept in the checkpoint so a resumed run still reports the true untrained baseline.
+
+    Args:
+        keys: metrics shown in the printed table.
+        baseline: evaluate the untrained encoder too.
+    """
+
+    def __init__(self, keys: tuple[str, ...] = ("recall@1", "map@r"), baseline: bool = True) -> None:
+        self.keys = tuple(keys)
+        self.baseline = baseline
+        self.before: dict[str, float] | None = None
+        self.after: dict[str, float] | None = None
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        datamodule = trainer.datamodule
+        datamodule.setup("test")
+        return pl_module.evaluate(datamodule.test_dataloader())
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.baseline and self.before is None and not trainer.fast_dev_run:
+            self.before = self._evaluate(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        self.after = self._evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            print(self.table(), flush=True)
+            if trainer.log_dir:
+                atomic_write_json(Path(trainer.log_dir) / "results.json", {"before_training": self.before, "after_training": self.after})
+
+    def table(self) -> str:
+        rows = [f"{'test metric':<14}{'untrained':>12}{'trained':>12}"]
+        for key in self.keys:
+            before = f"{self.before[key]:.4f}" if self.before else "-"
+            after = f"{self.after[key]:.4f}" if self.after else "-"
+            rows.append(f"{key:<14}{before:>12}{after:>12}")
+        return "\n".join(rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = state_dict.get("before")

@@ -1,0 +1,67 @@
+"""``HardnegCLI``: LightningCLI with the run-folder conventions every hardneg run follows.
+
+- A run lives in ``trainer.default_root_dir``: ``config.yaml`` (the resolved config), CSV and
+  TensorBoard logs, ``checkpoints/`` (written atomically, ``last.ckpt`` always kept) and
+  ``results.json``. Logger versions are fixed to that folder, so ``--ckpt_path last`` finds the
+  checkpoint of a killed run and resumes it.
+- Starting ``fit`` in a folder that already holds a checkpoint without ``--ckpt_path`` is refused
+  rather than overwriting a finished or interrupted run.
+- ``use_distributed_sampler=False`` by default: the DataModules shard their own P x K batches.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from experiments.callbacks import AtomicModelCheckpoint
+
+
+class HardnegCLI(LightningCLI):
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        root = config.get("default_root_dir") or os.getcwd()
+        config["default_root_dir"] = root
+        if config.get("logger") in (None, True):
+            config["logger"] = [
+                CSVLogger(save_dir=root, name="", version=""),
+                TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False),
+            ]
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        # fast_dev_run is a smoke test: it writes no checkpoint (Lightning would still save last.ckpt).
+        wants_checkpoints = config.get("enable_checkpointing", True) is not False and not config.get("fast_dev_run")
+        if wants_checkpoints and not any(isinstance(c, ModelCheckpoint) for c in configured + callbacks):
+            callbacks = [*callbacks, AtomicModelCheckpoint(dirpath=str(Path(root) / "checkpoints"), save_last=True)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path is None and not self.trainer.fast_dev_run:
+            for cb in self.trainer.checkpoint_callbacks:
+                folder = Path(cb.dirpath) if cb.dirpath else None
+                if folder is not None and folder.is_dir() and any(folder.glob("*.ckpt")):
+                    raise SystemExit(
+                        f"hardneg fit: {folder} already holds checkpoints of an earlier run. Resume it with "
+                        f"--ckpt_path last, or start a new run in another folder with --trainer.default_root_dir"
+                    )
+
+
+def run_lightning_cli(argv: list[str] | None) -> HardnegCLI:
+    """``argv=None`` reads ``sys.argv`` (the console script); a list runs in-process (tests, grids)."""
+    return HardnegCLI(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"use_distributed_sampler": False},
+        auto_configure_optimizers=False,
+        args=argv,
+    )
