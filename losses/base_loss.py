@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from losses.distances import BaseDistance, LpDistance
+from losses.mixing import append_mix_pairs
 from miners.mined import Mined
 from miners.tuples import Inputs, resolve_inputs
 
@@ -18,9 +19,17 @@ class BaseLoss(nn.Module):
     ``compute_loss(inputs, mined)`` and convert ``mined`` with ``mined.as_pairs()`` /
     ``mined.as_triplets()``, so any miner feeds any loss.
 
+    Class attributes a subclass sets to declare what it can take (checked here, so an
+    incompatible pairing fails loudly instead of silently ignoring part of the input):
+        supports_ref_emb: False for losses that cannot use a separate reference set (proxies).
+        accepts_mix: True for losses that use the synthetic points of ``Mined.mix`` (see ``apply_mix``).
+
     Args:
         distance: shared with the miner; ``default_distance()`` when omitted.
     """
+
+    supports_ref_emb: bool = True
+    accepts_mix: bool = False
 
     def __init__(self, distance: BaseDistance | None = None) -> None:
         super().__init__()
@@ -40,9 +49,28 @@ class BaseLoss(nn.Module):
         inputs = resolve_inputs(emb, labels, ref_emb, ref_labels, who=type(self).__name__)
         if mined is not None and not isinstance(mined, Mined):
             mined = Mined.from_tuple(tuple(mined))
+        if not inputs.same_set and not self.supports_ref_emb:
+            raise ValueError(f"{type(self).__name__} cannot take ref_emb/ref_labels (a separate reference set or memory)")
         if mined is not None:
             mined.validate(len(inputs.emb), len(inputs.ref_emb))
+            if mined.mix is not None:
+                if not self.accepts_mix:
+                    raise ValueError(
+                        f"{type(self).__name__} does not use synthetic points, but the miner returned a Mined.mix spec; "
+                        f"pair this miner with a loss that sets accepts_mix = True"
+                    )
+                inputs, mined = self.apply_mix(inputs, mined)
         return self.compute_loss(inputs, mined)
+
+    def apply_mix(self, inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:
+        """Hand the synthetic points of ``mined.mix`` to ``compute_loss`` (only for ``accepts_mix`` losses).
+
+        Default: the points join the reference set as a positive pair weighted by their soft label and
+        a negative pair weighted by one minus it (``losses.mixing.append_mix_pairs``), which any loss
+        that multiplies each pair's term by its weight turns into the Metrix / MoCHi form. A loss that
+        takes them another way (over classes: Proxy-Anchor) overrides this and reads ``mined.mix`` itself.
+        """
+        return append_mix_pairs(inputs, mined)
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
         raise NotImplementedError

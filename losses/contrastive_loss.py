@@ -34,7 +34,13 @@ class ContrastiveLoss(BaseLoss):
         pos_margin: positives closer than this (a distance) cost nothing.
         neg_margin: negatives farther than this cost nothing.
         distance: default ``LpDistance(normalize_embeddings=True)``.
+
+    Synthetic points (``Mined.mix``) join as pairs weighted by their soft label ``w`` and ``1 - w``
+    (``BaseLoss.apply_mix``): the Metrix form ``w [d(a, m) - pos_margin]_+ + (1 - w) [neg_margin - d(a, m)]_+``
+    (Venkataramanan et al., ICLR 2022).
     """
+
+    accepts_mix = True
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, distance: BaseDistance | None = None) -> None:
         super().__init__(distance=distance)

@@ -34,7 +34,13 @@ class MultiSimilarityLoss(BaseLoss):
         beta: scale of the negative terms.
         base: the similarity offset ``lambda`` of Eq. 12.
         distance: default ``CosineSimilarity()``.
+
+    Synthetic points (``Mined.mix``) join as pairs weighted by their soft label ``w`` and ``1 - w``
+    (``BaseLoss.apply_mix``): ``w`` multiplies their positive exponential, ``1 - w`` their negative
+    one, Metrix's generalisation (Venkataramanan et al., ICLR 2022).
     """
+
+    accepts_mix = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, distance: BaseDistance | None = None) -> None:
         super().__init__(distance=distance)

@@ -38,7 +38,13 @@ class NTXentLoss(BaseLoss):
     Args:
         temperature: the softmax temperature ``t``.
         distance: default ``CosineSimilarity()``.
+
+    Synthetic points (``Mined.mix``, ``BaseLoss.apply_mix``): a point with soft label 0 is one more
+    negative in its anchor's denominator, as MoCHi's synthetic hard negatives (Kalantidis et al.,
+    "Hard Negative Mixing for Contrastive Learning", NeurIPS 2020).
     """
+
+    accepts_mix = True
 
     def __init__(self, temperature: float = 0.07, distance: BaseDistance | None = None) -> None:
         super().__init__(distance=distance)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
+from losses.mixing import soft_class_targets
 from losses.pair_matrix import check_weights, log1p_sum, weighted_logsumexp, work_dtype
 from miners.mined import Mined
 from miners.tuples import Inputs
@@ -32,6 +33,14 @@ class ProxyAnchorLoss(BaseLoss):
     (PML treats an empty tuple like ``None``). Without weights the value equals PML 2.9's
     ``ProxyAnchorLoss`` with the same proxies.
 
+    Synthetic points (``Mined.mix``): extra rows whose class labels are soft
+    (``losses.mixing.soft_class_targets``): row ``x`` counts ``y_c(x)`` in the positive sum of proxy
+    ``c`` and ``1 - y_c(x)`` in its negative sum, with ``v_x = 1``. This is Metrix's Proxy-Anchor
+    (Venkataramanan et al., "It Takes Two to Tango", ICLR 2022): a mix of a class-``c`` example with
+    a negative at ``lambda`` has its positive term for proxy ``c`` weighted by ``lambda`` and its
+    negative term by ``1 - lambda``. A ``Mined`` holding only a mix gives the loss of the synthetic
+    rows alone (Metrix's mixed loss); with tuples too, the batch rows join with their ``v_x``.
+
     The proxies are an ``nn.Parameter [num_classes, embedding_size]`` initialised with
     ``kaiming_normal_(mode="fan_out")`` as in PML; give the loss's parameters to the optimizer.
     A separate reference set is not supported (proxies replace it).
@@ -45,6 +54,7 @@ class ProxyAnchorLoss(BaseLoss):
     """
 
     supports_ref_emb = False
+    accepts_mix = True
 
     def __init__(
         self,
@@ -76,20 +86,41 @@ class ProxyAnchorLoss(BaseLoss):
             low, high = int(labels.min()), int(labels.max())
             raise ValueError(f"{who}: labels must be class indices in [0, {self.num_classes}), got range [{low}, {high}]")
         log_v = self._log_sample_weights(mined, len(emb), emb.device)
-        if len(emb) == 0 or log_v is None:
-            return (self.zero_loss(inputs) + self.proxies.sum() * 0).to(emb.dtype)
         dtype = work_dtype(emb.dtype)
-        sim = self.distance(emb, self.proxies.to(emb.dtype)).to(dtype)  # [B, C]
-        pos_mask = F.one_hot(labels.long(), self.num_classes).bool()
+        rows, targets = emb, F.one_hot(labels.long(), self.num_classes).to(dtype)
+        if mined is not None and mined.mix is not None and len(mined.mix):
+            # synthetic points are extra rows with soft class labels; batch rows join only if tuples name them
+            points = mined.mix.materialize(emb).to(emb.dtype)
+            soft = soft_class_targets(mined.mix, labels, None, self.num_classes).to(dtype)
+            zeros = torch.zeros(len(points), device=emb.device, dtype=torch.float64)
+            if log_v is None:
+                rows, targets, log_v = points, soft, zeros
+            else:
+                rows, targets, log_v = torch.cat([emb, points]), torch.cat([targets, soft]), torch.cat([log_v, zeros])
+        if len(rows) == 0 or log_v is None:
+            return (self.zero_loss(inputs) + self.proxies.sum() * 0).to(emb.dtype)
+        return self._soft_label_loss(rows, targets, log_v).to(emb.dtype)
+
+    def apply_mix(self, inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:
+        """Synthetic points are not pairs here: ``compute_loss`` adds them as rows with soft class labels."""
+        return inputs, mined
+
+    def _soft_label_loss(self, rows: Tensor, targets: Tensor, log_v: Tensor) -> Tensor:
+        """Eq. 4 with a class weight per row: ``rows: [N, D]``, ``targets: [N, C]`` in [0, 1], ``log_v: [N]``.
+
+        Row ``x`` enters the positive sum of proxy ``c`` with weight ``targets[x, c]`` and its negative
+        sum with ``1 - targets[x, c]`` (one-hot targets: the plain loss).
+        """
+        dtype = targets.dtype
+        sim = self.distance(rows, self.proxies.to(rows.dtype)).to(dtype)  # [N, C]
         log_v = log_v.to(dtype).unsqueeze(1)
         pos_logits = self.alpha * self.distance.margin(sim, self.margin) + log_v
         neg_logits = self.alpha * self.distance.margin(-self.margin, sim) + log_v
-        # per proxy (column): a log-sum-exp over the batch rows of its class / of the other classes
-        pos_term = log1p_sum(weighted_logsumexp(pos_logits, pos_mask.to(dtype), dim=0))
-        neg_term = log1p_sum(weighted_logsumexp(neg_logits, (~pos_mask).to(dtype), dim=0))
-        n_present = int(pos_mask.any(dim=0).sum())
-        loss = pos_term.sum() / n_present + neg_term.sum() / self.num_classes
-        return loss.to(emb.dtype)
+        # per proxy (column): a weighted log-sum-exp over the rows of its class / of the other classes
+        pos_term = log1p_sum(weighted_logsumexp(pos_logits, targets, dim=0))
+        neg_term = log1p_sum(weighted_logsumexp(neg_logits, 1 - targets, dim=0))
+        n_present = max(int((targets > 0).any(dim=0).sum()), 1)
+        return pos_term.sum() / n_present + neg_term.sum() / self.num_classes
 
     @staticmethod
     def _log_sample_weights(mined: Mined | None, n: int, device: torch.device) -> Tensor | None:

@@ -21,6 +21,7 @@ from models.registry import (
     register_encoder,
 )
 from models.timm_encoder import TimmEncoder
+from models.momentum import MomentumEncoder
 from models.lite0_weights import (
     LITE0_MEAN,
     LITE0_STD,
@@ -38,6 +39,7 @@ __all__ = [
     "preset",
     "register_encoder",
     "TimmEncoder",
+    "MomentumEncoder",
     "LITE0_MEAN",
     "LITE0_STD",
     "load_lite0_weights",

@@ -114,6 +114,8 @@ def test_miner_loss_matrix_with_memory(miner_cls: type, loss_cls: type) -> None:
     if not getattr(loss, "supports_ref_emb", True):
         pytest.skip(f"{loss_cls.__name__} takes no reference set")
     miner = build(miner_cls)
+    if miner(*pk_batch(0)).mix is not None and not getattr(loss, "accepts_mix", False):
+        pytest.skip(f"{loss_cls.__name__} does not use the mixing spec that {miner_cls.__name__} returns")
     memory = CrossBatchMemory(loss, embedding_size=DIM, memory_size=40, miner=miner)
 
     # A fresh memory holding only the query's own copy: nothing to compare with, so the loss is 0.
