@@ -4,6 +4,7 @@
   TensorBoard logs, ``checkpoints/`` (written atomically, ``last.ckpt`` always kept) and
   ``results.json``. Logger versions are fixed to that folder, so ``--ckpt_path last`` finds the
   checkpoint of a killed run and resumes it.
+- ``validate`` / ``test`` log into ``<run>/<subcommand>-<date>/`` and never touch the fit's files.
 - Starting ``fit`` in a folder that already holds a checkpoint without ``--ckpt_path`` is refused
   rather than overwriting a finished or interrupted run.
 - ``use_distributed_sampler=False`` by default: the DataModules shard their own P x K batches.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,12 @@ class HardnegCLI(LightningCLI):
         root = config.get("default_root_dir") or os.getcwd()
         config["default_root_dir"] = root
         if config.get("logger") in (None, True):
+            # fit logs into the run folder itself; validate/test get their own dated sub-folder so
+            # they never overwrite the training logs or the training config.yaml.
+            version = "" if self.subcommand in (None, "fit") else f"{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
             config["logger"] = [
-                CSVLogger(save_dir=root, name="", version=""),
-                TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False),
+                CSVLogger(save_dir=root, name="", version=version),
+                TensorBoardLogger(save_dir=root, name="", version=version, default_hp_metric=False),
             ]
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
