@@ -4,13 +4,14 @@ Every arm is ``hardneg fit`` on ``benchmarks/configs/synthetic_negatives_base.ya
 budget: Lite0 + 128-d head at 32 px, 50 steps of 5 x 4 batches) plus the arm's config fragments, run
 for each seed in its own process; the script then reads each run's final validation metrics
 (``val/recall@1``, ``val/map@r`` on a fixed 1,000-image subset of the unseen test classes) and
-prints a Markdown table of mean +/- sample std over seeds, with the mean wall time of a run.
+prints a Markdown table of mean +/- sample std over seeds, with the mean wall time of a run, and a
+second table of each method minus its baseline on the same seed (paired differences).
 
 Arms: the contrastive and multi-similarity losses alone and with Metrix in each of its three places
 (input, feature, embedding); supervised InfoNCE against a 1,024-entry memory queue without
 (MoCHi with s = s' = 0) and with MoCHi; and the untrained encoder (0 steps) for scale.
 
-    python benchmarks/synthetic_negatives.py                       # every arm x 3 seeds
+    python benchmarks/synthetic_negatives.py                       # every arm x 5 seeds
     python benchmarks/synthetic_negatives.py --arms contrastive --seeds 0 1 --out runs/bench_try
 
 Finished runs (a ``metrics.csv`` with the final validation row) are reused, so an interrupted
@@ -52,6 +53,12 @@ ARMS: dict[str, list[str]] = {
     "InfoNCE + queue + MoCHi": ["experiments/mixing/mochi.yaml"],
 }
 METRICS = ("val/recall@1", "val/map@r")
+# the arm each method is compared with, seed by seed (same seed: same head initialisation; all runs share one batch schedule)
+BASELINE_OF = {
+    **{f"contrastive + Metrix/{m}": "contrastive" for m in ("input", "feature", "embedding")},
+    **{f"multi-similarity + Metrix/{m}": "multi-similarity" for m in ("input", "feature", "embedding")},
+    "InfoNCE + queue + MoCHi": "InfoNCE + queue",
+}
 
 
 def slug(text: str) -> str:
@@ -114,10 +121,27 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(results: dict[str, list[dict[str, float]]]) -> str:
+    """Each method minus its baseline on the same seed: mean +/- std of the differences, and how often it is better."""
+    lines = ["| arm | vs | ΔR@1 (points) | ΔMAP@R (points) | better R@1 / MAP@R |", "|---|---|---|---|---|"]
+    for name, base in BASELINE_OF.items():
+        if name not in results or base not in results:
+            continue
+        cells = []
+        wins = []
+        for key in METRICS:
+            d = [100 * (r[key] - b[key]) for r, b in zip(results[name], results[base])]
+            std = statistics.stdev(d) if len(d) > 1 else 0.0
+            cells.append(f"{statistics.fmean(d):+.1f} ± {std:.1f}")
+            wins.append(f"{sum(v > 0 for v in d)}/{len(d)}")
+        lines.append(f"| {name} | {base} | {cells[0]} | {cells[1]} | {' / '.join(wins)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", nargs="*", default=list(ARMS), help="arm names or slugs (default: all)")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "synthetic_negatives")
     parser.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
@@ -132,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run(name, seed, args.out.resolve())
             results.setdefault(name, []).append(r)
             print(f"{name:40s} seed {seed}: R@1 {r['val/recall@1']:.4f}  MAP@R {r['val/map@r']:.4f}  ({r['seconds']:.0f} s)", flush=True)
-    text = table(results)
+    text = table(results) + "\n\n" + paired_table(results)
     print(text)
     if args.table is not None:
         args.table.parent.mkdir(parents=True, exist_ok=True)
