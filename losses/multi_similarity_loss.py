@@ -6,9 +6,9 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import check_disjoint, check_weights, log1p_sum, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.pair_matrix import check_disjoint, log1p_sum, mined_pairs, pair_weight_matrix, weighted_logsumexp, work_dtype
 from miners.mined import Mined
-from miners.tuples import Inputs, all_pairs
+from miners.tuples import Inputs
 
 
 class MultiSimilarityLoss(BaseLoss):
@@ -52,11 +52,7 @@ class MultiSimilarityLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        if mined is None:
-            mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
-        a1, p, a2, n, pw, nw = mined.as_pairs()
-        check_weights(pw, "pos_weights")
-        check_weights(nw, "neg_weights")
+        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
         if len(a1) + len(a2) == 0:
             return self.zero_loss(inputs)
         mat = self.distance(inputs.emb, inputs.ref_emb)

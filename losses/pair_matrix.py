@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from miners.mined import Mined, Pairs
+from miners.tuples import Inputs, all_pairs
+
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a loss computes in: float32 for half inputs (exp/logsumexp overflow in fp16), else ``dtype``."""
@@ -24,6 +27,17 @@ def check_weights(weights: Tensor | None, what: str) -> None:
         return
     if not torch.isfinite(weights).all() or bool((weights < 0).any()):
         raise ValueError(f"Mined {what} must be finite and >= 0; got min {float(weights.min())}, max {float(weights.max())}")
+
+
+def mined_pairs(inputs: Inputs, mined: Mined | None) -> Pairs:
+    """The pairs a pair-based loss works on: every valid pair when ``mined`` is None, else the mined
+    ones (triplets become their two pairs); per-pair weights checked to be finite and >= 0."""
+    if mined is None:
+        mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
+    pairs = mined.as_pairs()
+    check_weights(pairs.pos_weights, "pos_weights")
+    check_weights(pairs.neg_weights, "neg_weights")
+    return pairs
 
 
 def pair_weight_matrix(

@@ -7,10 +7,10 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import check_disjoint, check_weights, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.pair_matrix import check_disjoint, mined_pairs, pair_weight_matrix, weighted_logsumexp, work_dtype
 from losses.reducers import mean_nonzero
 from miners.mined import Mined
-from miners.tuples import Inputs, all_pairs
+from miners.tuples import Inputs
 
 
 class SupConLoss(BaseLoss):
@@ -48,11 +48,7 @@ class SupConLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        if mined is None:
-            mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
-        a1, p, a2, n, pw, nw = mined.as_pairs()
-        check_weights(pw, "pos_weights")
-        check_weights(nw, "neg_weights")
+        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
         zero = self.zero_loss(inputs)
         if len(a1) == 0 or len(a2) == 0:
             return zero
