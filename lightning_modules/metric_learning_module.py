@@ -95,8 +95,10 @@ class MetricLearningModule(L.LightningModule):
         if self.hparams.gather:
             emb, labels = all_gather_with_grad(emb), all_gather_no_grad(labels)
         mined: Mined | None = self.miner(emb, labels) if self.miner is not None else None
-        # Kept (detached) for callbacks that observe the mining, e.g. experiments.hardness_monitor.
-        self.last_emb, self.last_labels, self.last_mined = emb.detach(), labels.detach(), mined
+        # Kept (detached) for callbacks that observe the mining, e.g. experiments.hardness_monitor;
+        # without the miner's distance matrices, which only the loss below needs.
+        self.last_emb, self.last_labels = emb.detach(), labels.detach()
+        self.last_mined = mined.without_matrices() if mined is not None else None
         loss = self.loss(emb, labels, mined)
         if self.mixer is not None:
             mix_loss = self.mixer(self.encoder, mix_state, local_emb, local_labels, self.loss)

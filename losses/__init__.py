@@ -13,9 +13,10 @@ from losses.sup_con_loss import SupConLoss
 from losses.proxy_anchor_loss import ProxyAnchorLoss
 from losses.circle_loss import CircleLoss
 from losses.debiased_contrastive_loss import DebiasedContrastiveLoss
+from losses.margin_loss import MarginLoss
 
 __all__ = [
     "BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance", "BaseLoss", "TripletMarginLoss",
     "ContrastiveLoss", "MultiSimilarityLoss", "NTXentLoss", "SupConLoss", "ProxyAnchorLoss", "CircleLoss",
-    "DebiasedContrastiveLoss",
+    "DebiasedContrastiveLoss", "MarginLoss",
 ]

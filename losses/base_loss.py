@@ -17,7 +17,9 @@ class BaseLoss(nn.Module):
     ``mined=None`` means every valid tuple; a ``Mined`` (or a pytorch-metric-learning indices
     tuple) restricts the loss to those tuples and supplies per-tuple weights. Subclasses implement
     ``compute_loss(inputs, mined)`` and convert ``mined`` with ``mined.as_pairs()`` /
-    ``mined.as_triplets()``, so any miner feeds any loss.
+    ``mined.as_triplets()``, so any miner feeds any loss. While ``compute_loss`` runs, ``self.distance``
+    returns the miner's matrix (``Mined.matrices``) when asked for the same one, so a loss after a
+    miner runs the ``B x M`` matmul backward only.
 
     Class attributes a subclass sets to declare what it can take (checked here, so an
     incompatible pairing fails loudly instead of silently ignoring part of the input):
@@ -60,6 +62,9 @@ class BaseLoss(nn.Module):
                         f"pair this miner with a loss that sets accepts_mix = True"
                     )
                 inputs, mined = self.apply_mix(inputs, mined)
+        if mined is not None and mined.matrices:
+            with self.distance.reusing(mined.matrices):
+                return self.compute_loss(inputs, mined)
         return self.compute_loss(inputs, mined)
 
     def apply_mix(self, inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance
-from losses.pair_matrix import mined_pairs, work_dtype
+from losses.pair_matrix import any_mined, few_tuples, listed_distances, mined_pair_matrices, mined_pairs, work_dtype
 from losses.reducers import mean_nonzero, weighted
 from miners.mined import Mined
 from miners.tuples import Inputs
@@ -48,13 +48,25 @@ class ContrastiveLoss(BaseLoss):
         self.neg_margin = neg_margin
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
         zero = self.zero_loss(inputs)
-        if len(a1) + len(a2) == 0:
-            return zero
-        mat = self.distance(inputs.emb, inputs.ref_emb)
-        mat = mat.to(work_dtype(mat.dtype))
-        pos = F.relu(self.distance.margin(mat[a1, p], self.pos_margin))
-        neg = F.relu(self.distance.margin(self.neg_margin, mat[a2, n]))
-        loss = mean_nonzero(weighted(pos, pw), zero) + mean_nonzero(weighted(neg, nw), zero)
+        if mined is None or mined.has_masks:
+            # every pair, or pairs as masks: the hinges over the whole matrix, weighted by the masks
+            pos_w, neg_w = mined_pair_matrices(inputs, mined, work_dtype(inputs.emb.dtype))
+            if not (any_mined(pos_w) or any_mined(neg_w)):
+                return zero
+            ap = an = self.distance(inputs.emb, inputs.ref_emb)
+        else:
+            a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
+            if len(a1) + len(a2) == 0:
+                return zero
+            if few_tuples(len(a1) + len(a2), inputs):
+                ap, an = listed_distances(self.distance, inputs, (a1, p), (a2, n))
+            else:
+                mat = self.distance(inputs.emb, inputs.ref_emb)
+                ap, an = mat[a1, p], mat[a2, n]
+            pos_w, neg_w = pw, nw
+        work = work_dtype(ap.dtype)
+        pos = F.relu(self.distance.margin(ap.to(work), self.pos_margin))
+        neg = F.relu(self.distance.margin(self.neg_margin, an.to(work)))
+        loss = mean_nonzero(weighted(pos, pos_w), zero) + mean_nonzero(weighted(neg, neg_w), zero)
         return loss.to(inputs.emb.dtype)

@@ -9,9 +9,71 @@ miner and loss, and ``margin(x, y)`` is ``x - y`` for a distance and ``y - x`` f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    """What identifies a tensor's current contents: its memory, layout and in-place version."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+
+@dataclass(frozen=True, eq=False)
+class ComputedMatrix:
+    """A distance matrix computed without gradient (by a miner), for a loss to reuse.
+
+    A miner and a loss on the same batch compute the same ``[B, M]`` matrix: the miner without
+    gradient, the loss with it. The loss can skip its forward matmul and only run the backward one
+    when it is handed the miner's matrix (``BaseDistance.reusing``). The record keeps the (detached)
+    inputs it was computed from, so their memory cannot be reused by another tensor while it
+    lives, and their in-place version, so a changed input is never matched.
+
+    Fields:
+        signature: the distance's class and settings (``BaseDistance.signature``).
+        query, ref: the raw inputs (``ref`` None when compared with itself).
+        keys: ``_tensor_key`` of ``query``, ``ref`` and ``value`` at the time of computing (a miner
+            that edits its matrix in place invalidates the record).
+        value: ``compute_mat`` of the normalised inputs, before ``power``.
+    """
+
+    signature: tuple
+    query: Tensor
+    ref: Tensor | None
+    keys: tuple
+    value: Tensor
+
+    @classmethod
+    def record(cls, signature: tuple, query: Tensor, ref: Tensor | None, value: Tensor) -> "ComputedMatrix":
+        keys = (_tensor_key(query), _tensor_key(query if ref is None else ref), _tensor_key(value))
+        return cls(signature, query.detach(), None if ref is None else ref.detach(), keys, value)
+
+    def matches(self, signature: tuple, query: Tensor, ref: Tensor | None) -> bool:
+        """Whether this is the matrix of ``query`` against ``ref`` (None: itself) under ``signature``."""
+        if signature != self.signature or _tensor_key(query) != self.keys[0] or _tensor_key(self.value) != self.keys[2]:
+            return False
+        ref = query if ref is None else ref
+        return _tensor_key(ref) == self.keys[1]
+
+
+class _GivenMatrix(torch.autograd.Function):
+    """``distance.compute_mat(q, r)`` whose value is already known: forward returns it, backward is the distance's."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, r: Tensor, value: Tensor, distance: "BaseDistance") -> Tensor:
+        ctx.distance = distance
+        ctx.save_for_backward(q, r, value)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, r, value = ctx.saved_tensors
+        grad_q, grad_r = ctx.distance.mat_backward(q, r, value, grad, ctx.needs_input_grad[:2])
+        return grad_q, grad_r, None, None
 
 
 class BaseDistance(nn.Module):
@@ -36,16 +98,66 @@ class BaseDistance(nn.Module):
         self.p = p
         self.power = power
         self.is_inverted = is_inverted
+        self._records: list[ComputedMatrix] | None = None
+        self._reuse: tuple[ComputedMatrix, ...] = ()
 
     def forward(self, query_emb: Tensor, ref_emb: Tensor | None = None) -> Tensor:
         """``query_emb: [N, D]``, ``ref_emb: [M, D]`` (default: ``query_emb``) -> ``[N, M]``."""
         q = self.maybe_normalize(query_emb)
         r = q if ref_emb is None else self.maybe_normalize(ref_emb)
-        mat = self.compute_mat(q, r)
+        reuse = next((c for c in self._reuse if c.matches(self.signature(), query_emb, ref_emb)), None)
+        if reuse is not None:
+            mat = _GivenMatrix.apply(q, r, reuse.value, self)
+        else:
+            mat = self.compute_mat(q, r)
+            if self._records is not None and not mat.requires_grad:
+                self._records.append(ComputedMatrix.record(self.signature(), query_emb, ref_emb, mat))
         return mat if self.power == 1 else mat**self.power
 
     def compute_mat(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ reuse of a miner's matrix
+    def signature(self) -> tuple:
+        """The class and settings that determine ``compute_mat`` (two distances with equal signatures agree)."""
+        return (type(self), self.normalize_embeddings, self.p)
+
+    @property
+    def reusable(self) -> bool:
+        """Whether this distance can back-propagate through a matrix it did not compute (``mat_backward``)."""
+        return type(self).mat_backward is not BaseDistance.mat_backward
+
+    def mat_backward(
+        self, query_emb: Tensor, ref_emb: Tensor, mat: Tensor, grad: Tensor, needs: tuple[bool, bool]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Gradients of ``sum(grad * compute_mat(q, r))`` w.r.t. ``q`` and ``r``, given ``mat = compute_mat(q, r)``.
+
+        A subclass that implements it lets a loss reuse a miner's matrix (``reusing``).
+        """
+        raise NotImplementedError
+
+    @contextmanager
+    def recording(self) -> Iterator[list[ComputedMatrix]]:
+        """Within the block, matrices computed without gradient are appended to the yielded list."""
+        previous, self._records = self._records, ([] if self.reusable else None)
+        try:
+            yield self._records if self._records is not None else []
+        finally:
+            self._records = previous
+
+    @contextmanager
+    def reusing(self, computed: tuple[ComputedMatrix, ...]) -> Iterator[None]:
+        """Within the block, a call on the very inputs one of ``computed`` was made from returns its value.
+
+        The returned matrix carries gradient: only the backward matmul runs (``mat_backward``), so a
+        loss after a miner costs one ``B x M`` matmul less. Any other call computes as usual.
+        """
+        previous = self._reuse
+        self._reuse = tuple(computed) if self.reusable else ()
+        try:
+            yield
+        finally:
+            self._reuse = previous
 
     def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         """Row-wise distance between two aligned sets ``[N, D], [N, D] -> [N]``."""
@@ -98,6 +210,20 @@ class LpDistance(BaseDistance):
     def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         return torch.linalg.vector_norm(query_emb - ref_emb, ord=self.p, dim=-1)
 
+    @property
+    def reusable(self) -> bool:
+        return self.p == 2
+
+    def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
+        """``d_ij = |q_i - r_j|``: ``dd_ij/dq_i = (q_i - r_j) / d_ij`` (0 where ``d_ij = 0``, as ``torch.cdist``)."""
+        work = torch.float32 if mat.dtype in (torch.float16, torch.bfloat16) else mat.dtype
+        g = torch.where(mat > 0, grad.to(work) / mat.to(work), 0.0)
+        q, r = query_emb.to(work), ref_emb.to(work)
+        gr, gq = _inner_product_backward(q, r, g, needs)
+        grad_q = (q * g.sum(dim=1, keepdim=True) - gr).to(query_emb.dtype) if needs[0] else None
+        grad_r = (r * g.sum(dim=0).unsqueeze(1) - gq).to(ref_emb.dtype) if needs[1] else None
+        return grad_q, grad_r
+
 
 class CosineSimilarity(BaseDistance):
     """Cosine similarity ``x.y / (|x| |y|)``; larger is closer (``is_inverted=True``)."""
@@ -111,6 +237,9 @@ class CosineSimilarity(BaseDistance):
     def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         return (query_emb * ref_emb).sum(dim=-1)
 
+    def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
+        return _inner_product_backward(query_emb, ref_emb, grad, needs)
+
 
 class DotProductSimilarity(BaseDistance):
     """The raw inner product ``x.y`` without normalisation; larger is closer."""
@@ -123,3 +252,20 @@ class DotProductSimilarity(BaseDistance):
 
     def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         return (query_emb * ref_emb).sum(dim=-1)
+
+    def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
+        return _inner_product_backward(query_emb, ref_emb, grad, needs)
+
+
+#: below this share of non-zero entries the gradient of a matrix is multiplied as a sparse matrix.
+#: Losses that touch few pairs (batch-hard, top-k, margin-mined pairs) leave most of it zero; measured
+#: on CPU at B = M = 2048, D = 512, sparse products win below about 5% (dense: ~60 ms each).
+SPARSE_GRAD_DENSITY = 0.03
+
+
+def _inner_product_backward(q: Tensor, r: Tensor, grad: Tensor, needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``sum(grad * (q @ r.T))``: ``grad @ r`` and ``grad.T @ q`` (sparse products when ``grad`` is mostly 0)."""
+    if grad.dtype in (torch.float32, torch.float64) and int(torch.count_nonzero(grad)) <= SPARSE_GRAD_DENSITY * grad.numel():
+        sparse = grad.to_sparse()
+        return (torch.sparse.mm(sparse, r) if needs[0] else None), (torch.sparse.mm(sparse.t(), q) if needs[1] else None)
+    return (grad @ r if needs[0] else None), (grad.t() @ q if needs[1] else None)

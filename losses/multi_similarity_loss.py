@@ -6,7 +6,7 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import check_disjoint, log1p_sum, mined_pairs, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.pair_matrix import any_mined, check_disjoint, log1p_sum, mined_pair_matrices, weighted_logsumexp, work_dtype
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -52,16 +52,15 @@ class MultiSimilarityLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
-        if len(a1) + len(a2) == 0:
+        pos_w, neg_w = mined_pair_matrices(inputs, mined, work_dtype(inputs.emb.dtype))
+        if not (any_mined(pos_w) or any_mined(neg_w)):
             return self.zero_loss(inputs)
+        check_disjoint(pos_w, neg_w, type(self).__name__)
         mat = self.distance(inputs.emb, inputs.ref_emb)
         mat = mat.to(work_dtype(mat.dtype))
-        shape = (len(inputs.emb), len(inputs.ref_emb))
-        pos_w = pair_weight_matrix(a1, p, pw, shape, mat.dtype)
-        neg_w = pair_weight_matrix(a2, n, nw, shape, mat.dtype)
-        check_disjoint(pos_w, neg_w, type(self).__name__)
-        pos = log1p_sum(weighted_logsumexp(self.alpha * self.distance.margin(mat, self.base), pos_w)) / self.alpha
-        neg = log1p_sum(weighted_logsumexp(self.beta * self.distance.margin(self.base, mat), neg_w)) / self.beta
+        # alpha * margin(S, base) = sign * alpha * (S - base): the affine part is folded into the reduction.
+        sign = -1.0 if self.distance.is_inverted else 1.0
+        pos = log1p_sum(weighted_logsumexp(mat, pos_w, scale=sign * self.alpha, offset=-sign * self.alpha * self.base)) / self.alpha
+        neg = log1p_sum(weighted_logsumexp(mat, neg_w, scale=-sign * self.beta, offset=sign * self.beta * self.base)) / self.beta
         return (pos + neg).mean().to(inputs.emb.dtype)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from losses.base_loss import BaseLoss
-from losses.pair_matrix import check_weights
+from losses.pair_matrix import check_weights, few_tuples, listed_distances, work_dtype
 from losses.reducers import mean_nonzero, weighted
 from miners.mined import Mined
 from miners.tuples import Inputs, all_triplets
@@ -29,10 +29,6 @@ class TripletMarginLoss(BaseLoss):
         smooth_loss: softplus instead of the hinge.
     """
 
-    #: below ``B * M / FEW_TRIPLETS_RATIO`` triplets the distances are computed per listed pair (measured
-    #: crossover on CPU at B = 2048, D = 512: row-wise work is memory-bound, the full matrix is a GEMM).
-    FEW_TRIPLETS_RATIO = 200
-
     def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False, distance=None) -> None:
         super().__init__(distance=distance)
         self.margin = margin
@@ -42,14 +38,15 @@ class TripletMarginLoss(BaseLoss):
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
         if mined is None:
             mined = all_triplets(inputs.labels, inputs.ref_labels, inputs.same_set)
+        if mined.triplet_mask is not None:
+            return self._masked_loss(inputs, *mined.triplet_mask)
         a, p, n, w = mined.as_triplets()
         check_weights(w, "triplet_weights")
         if len(a) == 0:
             return self.zero_loss(inputs)
-        n_query, n_ref = len(inputs.emb), len(inputs.ref_emb)
-        if not self.swap and len(a) * self.FEW_TRIPLETS_RATIO <= n_query * n_ref:
+        if not self.swap and few_tuples(len(a), inputs):
             # few triplets (batch-hard, top-k): distances of the listed rows only, O(T D) not O(B M D)
-            ap, an = self._listed_distances(inputs, a, p, n)
+            ap, an = listed_distances(self.distance, inputs, (a, p), (a, n))
         else:
             mat = self.distance(inputs.emb, inputs.ref_emb)
             if not self.swap and not self.smooth_loss:
@@ -62,17 +59,26 @@ class TripletMarginLoss(BaseLoss):
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         return mean_nonzero(weighted(losses, w), self.zero_loss(inputs))
 
-    def _listed_distances(self, inputs: Inputs, a: Tensor, p: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-        """``d(a, p)`` and ``d(a, n)`` per triplet, normalising each embedding once (as ``distance.pairwise``)."""
-        q = self.distance.maybe_normalize(inputs.emb)
-        r = q if inputs.same_set else self.distance.maybe_normalize(inputs.ref_emb)
-        every_anchor_once = len(a) == len(q) and bool((a == torch.arange(len(q), device=a.device)).all())
-        qa = q if every_anchor_once else q[a]  # batch-hard lists the anchors in order: skip the gather
-        ap = self.distance.pairwise_distance(qa, r[p])
-        an = self.distance.pairwise_distance(qa, r[n])
-        if self.distance.power != 1:
-            ap, an = ap**self.distance.power, an**self.distance.power
-        return ap, an
+    def _masked_loss(self, inputs: Inputs, positives: Tensor, mask: Tensor) -> Tensor:
+        """The loss of triplets in dense form (``Mined.triplet_mask``) as broadcasts over the distance matrix.
+
+        ``violation[a, k, n] = margin(d(a, positives[a, k]), d(a, n)) + m`` is ``[B, K, M]``, built from
+        the ``[B, M]`` matrix by a gather and a broadcast; entries outside ``mask`` weigh 0. Same value
+        as the listed triplets, without listing them.
+        """
+        if not bool(mask.any()):
+            return self.zero_loss(inputs)
+        mat = self.distance(inputs.emb, inputs.ref_emb)
+        mat = mat.to(work_dtype(mat.dtype))
+        ap = mat.gather(1, positives).unsqueeze(2)  # [B, K, 1]
+        an = mat.unsqueeze(1)  # [B, 1, M]
+        if self.swap:
+            ref_mat = mat if inputs.same_set else self.distance(inputs.ref_emb, inputs.ref_emb).to(mat.dtype)
+            pn = ref_mat[positives]  # [B, K, M]: d(p, n) for each anchor's positive slot
+            an = torch.maximum(an, pn) if self.distance.is_inverted else torch.minimum(an, pn)
+        violation = self.distance.margin(ap, an) + self.margin
+        losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
+        return mean_nonzero(weighted(losses, mask), self.zero_loss(inputs)).to(inputs.emb.dtype)
 
     def _dense_hinge(self, inputs: Inputs, mat: Tensor, a: Tensor, p: Tensor, n: Tensor, w: Tensor | None) -> Tensor:
         """The hinge loss of many triplets as a masked ``[B, M]`` reduction (same value, dense backward).

@@ -3,7 +3,7 @@
 One class per file, named after the class. ``from miners import BatchHardMiner``.
 """
 
-from miners.mined import Mined, MixSpec, Pairs, Triplets
+from miners.mined import Mined, MixSpec, Pairs, TripletMask, Triplets
 from miners.base_miner import BaseMiner
 from miners.batch_hard_miner import BatchHardMiner
 from miners.batch_easy_hard_miner import BatchEasyHardMiner
@@ -18,7 +18,7 @@ from miners.mochi_miner import MoCHiMiner
 from miners.metrix import Metrix
 
 __all__ = [
-    "Mined", "MixSpec", "Pairs", "Triplets", "BaseMiner", "BatchHardMiner",
+    "Mined", "MixSpec", "Pairs", "TripletMask", "Triplets", "BaseMiner", "BatchHardMiner",
     "BatchEasyHardMiner", "TripletMarginMiner", "MultiSimilarityMiner", "PairMarginMiner",
     "DistanceWeightedMiner", "HardNegativeTopKMiner", "CrossBatchMemory",
     "MoCHi", "MoCHiMiner", "Metrix",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -15,7 +17,9 @@ class BaseMiner(nn.Module):
 
     Subclasses implement ``mine(inputs) -> Mined`` only. ``forward`` validates the inputs, fills
     the reference set with the batch when none is given, runs ``mine`` under ``torch.no_grad`` on
-    detached embeddings, and checks that every returned index is in range.
+    detached embeddings, and checks that every returned index is in range. The distance matrices
+    ``mine`` computes with ``self.distance`` travel in ``Mined.matrices``, so that the loss can
+    reuse them (``losses.distances.BaseDistance.reusing``) instead of computing them again.
 
     Args:
         distance: the distance shared with the loss; ``default_distance()`` when omitted
@@ -38,7 +42,7 @@ class BaseMiner(nn.Module):
     ) -> Mined:
         """``emb: [B, D]``, ``labels: [B]``; optional reference set ``ref_emb: [M, D]``, ``ref_labels: [M]``."""
         inputs = resolve_inputs(emb, labels, ref_emb, ref_labels, who=type(self).__name__)
-        with torch.no_grad():
+        with torch.no_grad(), self.distance.recording() as matrices:
             detached = Inputs(
                 inputs.emb.detach(),
                 inputs.labels,
@@ -50,6 +54,8 @@ class BaseMiner(nn.Module):
         if not isinstance(mined, Mined):
             raise TypeError(f"{type(self).__name__}.mine must return a Mined, got {type(mined).__name__}")
         mined.validate(len(inputs.emb), len(inputs.ref_emb))
+        if matrices:
+            mined = replace(mined, matrices=mined.matrices + tuple(matrices))
         return mined
 
     def mine(self, inputs: Inputs) -> Mined:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from losses.gather import all_gather_no_grad, dist_ready
-from miners.mined import Mined
+from miners.mined import Mined, TripletMask
 from miners.tuples import all_pairs
 
 
@@ -190,6 +190,14 @@ def _drop_self_pairs(mined: Mined, own_slots: Tensor) -> Mined:
         changes["pos_pairs"] = (a[keep], p[keep])
         if mined.pos_weights is not None:
             changes["pos_weights"] = mined.pos_weights[keep]
+    if mined.pos_mask is not None:
+        mask = mined.pos_mask.clone()
+        mask[torch.arange(len(mask), device=mask.device), own_slots.to(mask.device)] = 0
+        changes["pos_mask"] = mask
+    if mined.triplet_mask is not None:
+        positives, mask = mined.triplet_mask
+        own = positives == own_slots.to(positives.device).unsqueeze(1)  # [B, K]: slots that hold the anchor itself
+        changes["triplet_mask"] = TripletMask(positives, mask * ~own.unsqueeze(2) if own.any() else mask)
     if mined.triplets is not None:
         a, p, n = mined.triplets
         keep = p != own_slots[a]
@@ -200,14 +208,20 @@ def _drop_self_pairs(mined: Mined, own_slots: Tensor) -> Mined:
 
 
 def _concatenate(mined: Mined, extra: Mined | tuple) -> Mined:
-    """Append ``extra`` to ``mined`` in ``mined``'s form (pairs or triplets), as pytorch-metric-learning does."""
+    """Append ``extra`` to ``mined`` in ``mined``'s form (pairs or triplets), as pytorch-metric-learning does.
+
+    Pairs given as masks are listed first (the appended tuples may repeat mined pairs, which a mask cannot hold).
+    """
     extra = extra if isinstance(extra, Mined) else Mined.from_tuple(tuple(extra))
     if mined.has_triplets:
         a, p, n, w = mined.as_triplets()
         xa, xp, xn, xw = extra.as_triplets()
         weights = _cat_weights(w, xw, len(a), len(xa), a)
         return dataclasses.replace(
-            mined, triplets=(torch.cat([a, xa.to(a.device)]), torch.cat([p, xp.to(a.device)]), torch.cat([n, xn.to(a.device)])), triplet_weights=weights
+            mined,
+            triplets=(torch.cat([a, xa.to(a.device)]), torch.cat([p, xp.to(a.device)]), torch.cat([n, xn.to(a.device)])),
+            triplet_weights=weights,
+            triplet_mask=None,
         )
     a1, p, a2, n, pw, nw = mined.as_pairs()
     xa1, xp, xa2, xn, xpw, xnw = extra.as_pairs()
@@ -217,6 +231,8 @@ def _concatenate(mined: Mined, extra: Mined | tuple) -> Mined:
         neg_pairs=(torch.cat([a2, xa2.to(a2.device)]), torch.cat([n, xn.to(a2.device)])),
         pos_weights=_cat_weights(pw, xpw, len(a1), len(xa1), a1),
         neg_weights=_cat_weights(nw, xnw, len(a2), len(xa2), a2),
+        pos_mask=None,
+        neg_mask=None,
     )
 
 

@@ -3,12 +3,18 @@
 Every index in a ``Mined`` points into two sets: the anchor (first) index of a tuple into the query
 embeddings ``emb`` and every other index into the reference set ``ref_emb`` (which is ``emb`` itself
 when no reference set is given, as in pytorch-metric-learning). A loss asks for the form it needs
-(``as_pairs()`` or ``as_triplets()``) and never asks which miner produced the tuples.
+(``as_pairs()``, ``as_triplets()`` or the dense ``pair_matrices()``) and never asks which miner
+produced the tuples.
+
+Pairs come in one of two equivalent forms: index lists (``pos_pairs``/``neg_pairs``, for miners that
+pick few pairs) or dense ``[B, M]`` masks (``pos_mask``/``neg_mask``, for miners that keep a large
+share of all pairs, like multi-similarity's millions at B = 2048, where listing them costs more than
+the loss). Either form converts to the other on request.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -34,6 +40,20 @@ class Triplets(NamedTuple):
     p: Tensor
     n: Tensor
     weights: Tensor | None
+
+
+class TripletMask(NamedTuple):
+    """Triplets in dense form: ``(a, positives[a, k], n)`` for every ``mask[a, k, n]`` set.
+
+    ``positives: [B, K]`` int64 lists each anchor's positives in the reference set (padded to the
+    largest count ``K``; a padded slot holds any valid index and is never set in ``mask``);
+    ``mask: [B, K, M]`` is bool, or float (the triplet's weight, 0 = not mined). A band or margin
+    miner keeps millions of triplets at B = 2048; this form holds them in ``B K M`` bits and lets a
+    loss reduce them with broadcasts over the ``[B, M]`` distance matrix instead of index lists.
+    """
+
+    positives: Tensor
+    mask: Tensor
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,56 @@ def _join_by_anchor(a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
     return i, j
 
 
+def _check_mask_values(mask: Tensor, name: str) -> None:
+    if mask.dtype == torch.bool:
+        return
+    if not mask.is_floating_point():
+        raise ValueError(f"Mined.{name} must be bool or floating point (tuple weights), got {mask.dtype}")
+    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
+        raise ValueError(f"Mined.{name} weights must be finite and >= 0")
+
+
+def _listed(mask: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row and column indices of a mask's mined entries, in row-major order (as ``torch.where``)."""
+    if mask is None:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    rows, cols = torch.where(mask if mask.dtype == torch.bool else mask > 0)
+    return rows, cols
+
+
+def _mask_weights(mask: Tensor | None) -> Tensor | None:
+    """The weights of a float mask's mined entries (``_listed`` order); None for a bool mask."""
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    return mask[mask > 0]
+
+
+def pair_weight_matrix(
+    rows: Tensor,
+    cols: Tensor,
+    weights: Tensor | None,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    accumulate: bool = False,
+) -> Tensor:
+    """Scatter pair weights into a dense matrix ``[B, M]``; entries of unlisted pairs are 0.
+
+    ``rows, cols: [P]`` index the pairs, ``weights: [P]`` (``None`` means all ones). A pair listed
+    more than once keeps its largest weight (``accumulate=False``: a mask, as pytorch-metric-learning's
+    matrix-based losses build it) or the sum of its weights (``accumulate=True``: every listing is a
+    separate term, as its pair-based losses treat duplicates).
+    """
+    out = torch.zeros(shape, dtype=dtype, device=rows.device)
+    if len(rows) == 0:
+        return out
+    w = torch.ones(len(rows), dtype=dtype, device=rows.device) if weights is None else weights.to(dtype)
+    if accumulate:
+        return out.index_put_((rows, cols), w, accumulate=True)
+    flat = rows * shape[1] + cols
+    return out.view(-1).scatter_reduce(0, flat, w, reduce="amax", include_self=True).view(shape)
+
+
 def _long(x: Tensor | None) -> Tensor | None:
     return None if x is None else torch.as_tensor(x).long()
 
@@ -151,7 +221,13 @@ class Mined:
         triplets: ``(a, p, n)``.
         pos_weights / neg_weights / triplet_weights: per-tuple weights (soft labels, false-negative
             down-weighting); ``None`` means all ones.
+        pos_mask / neg_mask: the dense form of ``pos_pairs`` / ``neg_pairs`` (not both forms at
+            once): ``[B, M]``, bool (mined or not) or float (the pair's weight, 0 = not mined).
+        triplet_mask: the dense form of ``triplets`` (``TripletMask``; not both forms at once).
         mix: synthetic points to add (see ``MixSpec``).
+        matrices: distance matrices the miner computed (``losses.distances.ComputedMatrix``); a loss
+            with the same distance on the same embeddings reuses them instead of recomputing.
+            ``BaseMiner`` fills it; not part of the tuples (ignored by ``==`` and ``repr``).
     """
 
     pos_pairs: tuple[Tensor, Tensor] | None = None
@@ -161,6 +237,10 @@ class Mined:
     neg_weights: Tensor | None = None
     triplet_weights: Tensor | None = None
     mix: MixSpec | None = field(default=None)
+    pos_mask: Tensor | None = None
+    neg_mask: Tensor | None = None
+    triplet_mask: TripletMask | None = None
+    matrices: tuple = field(default=(), compare=False, repr=False)
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -174,6 +254,16 @@ class Mined:
         neg_weights: Tensor | None = None,
     ) -> "Mined":
         return cls(pos_pairs=(_long(a1), _long(p)), neg_pairs=(_long(a2), _long(n)), pos_weights=pos_weights, neg_weights=neg_weights)
+
+    @classmethod
+    def from_masks(cls, pos_mask: Tensor, neg_mask: Tensor) -> "Mined":
+        """Pairs as dense ``[B, M]`` masks: bool, or float weights (0 = not mined)."""
+        return cls(pos_mask=pos_mask, neg_mask=neg_mask)
+
+    @classmethod
+    def from_triplet_mask(cls, positives: Tensor, mask: Tensor) -> "Mined":
+        """Triplets in dense form (see ``TripletMask``)."""
+        return cls(triplet_mask=TripletMask(positives.long(), mask))
 
     @classmethod
     def from_triplets(cls, a: Tensor, p: Tensor, n: Tensor, weights: Tensor | None = None) -> "Mined":
@@ -191,14 +281,44 @@ class Mined:
     # ------------------------------------------------------------------------------ conversions
     @property
     def has_pairs(self) -> bool:
-        return self.pos_pairs is not None or self.neg_pairs is not None
+        return self.pos_pairs is not None or self.neg_pairs is not None or self.has_masks
+
+    @property
+    def has_masks(self) -> bool:
+        return self.pos_mask is not None or self.neg_mask is not None
+
+    def without_matrices(self) -> "Mined":
+        """The same tuples without the miner's distance matrices (to keep a ``Mined`` without its memory)."""
+        return replace(self, matrices=()) if self.matrices else self
+
+    def pair_matrices(self, shape: tuple[int, int], dtype: torch.dtype, accumulate: bool = False) -> tuple[Tensor, Tensor]:
+        """Dense ``[B, M]`` pair weights ``(pos_w, neg_w)``; 0 marks a pair that was not mined.
+
+        From the masks as they are (a bool mask stays bool: it means weight 1), else scattered from
+        the pair lists (triplets give their two pairs) by ``pair_weight_matrix``: a pair listed more
+        than once keeps its largest weight, or the sum of its weights with ``accumulate=True``.
+        """
+        if self.has_masks:
+            return tuple(
+                torch.zeros(shape, dtype=torch.bool, device=self._device()) if m is None else m  # type: ignore[misc]
+                for m in (self.pos_mask, self.neg_mask)
+            )
+        a1, p, a2, n, pw, nw = self.as_pairs()
+        return (
+            pair_weight_matrix(a1, p, pw, shape, dtype, accumulate),
+            pair_weight_matrix(a2, n, nw, shape, dtype, accumulate),
+        )
 
     @property
     def has_triplets(self) -> bool:
-        return self.triplets is not None
+        return self.triplets is not None or self.triplet_mask is not None
 
     def as_pairs(self) -> Pairs:
         """Pairs as pytorch-metric-learning's ``convert_to_pairs``: triplet ``(a, p, n)`` gives ``(a, p)`` and ``(a, n)``."""
+        if self.has_masks:
+            a1, p = _listed(self.pos_mask, self._device())
+            a2, n = _listed(self.neg_mask, self._device())
+            return Pairs(a1, p, a2, n, _mask_weights(self.pos_mask), _mask_weights(self.neg_mask))
         if self.has_pairs:
             device = self._device()
             empty = torch.empty(0, dtype=torch.long, device=device)
@@ -206,8 +326,8 @@ class Mined:
             a2, n = self.neg_pairs if self.neg_pairs is not None else (empty, empty)
             return Pairs(a1, p, a2, n, self.pos_weights, self.neg_weights)
         if self.has_triplets:
-            a, p, n = self.triplets
-            return Pairs(a, p, a, n, self.triplet_weights, self.triplet_weights)
+            a, p, n, w = self.as_triplets()
+            return Pairs(a, p, a, n, w, w)
         empty = torch.empty(0, dtype=torch.long, device=self._device())
         return Pairs(empty, empty, empty, empty, None, None)
 
@@ -216,6 +336,10 @@ class Mined:
 
         The weight of a joined triplet is the product of its two pair weights.
         """
+        if self.triplet_mask is not None:
+            positives, mask = self.triplet_mask
+            a, k, n = torch.where(mask if mask.dtype == torch.bool else mask > 0)
+            return Triplets(a, positives[a, k], n, None if mask.dtype == torch.bool else mask[a, k, n])
         if self.has_triplets:
             return Triplets(*self.triplets, self.triplet_weights)
         a1, p, a2, n, pw, nw = self.as_pairs()
@@ -230,13 +354,17 @@ class Mined:
     def to_tuple(self) -> tuple[Tensor, ...]:
         """pytorch-metric-learning's ``indices_tuple`` form (triplets if present, else pairs)."""
         if self.has_triplets:
-            return tuple(self.triplets)
+            return tuple(self.as_triplets()[:3])
         return tuple(self.as_pairs()[:4])
 
     def __len__(self) -> int:
         """Number of tuples: triplets if present, else positive plus negative pairs."""
+        if self.triplet_mask is not None:
+            return int(torch.count_nonzero(self.triplet_mask.mask))
         if self.has_triplets:
             return len(self.triplets[0])
+        if self.has_masks:
+            return sum(int(torch.count_nonzero(m)) for m in (self.pos_mask, self.neg_mask) if m is not None)
         a1, _, a2, _, _, _ = self.as_pairs()
         return len(a1) + len(a2)
 
@@ -265,11 +393,31 @@ class Mined:
                     raise ValueError(f"Mined.{name}[{pos}] indexes outside the {which} set of size {bound}")
             if weights is not None and weights.shape != (lengths.pop(),):
                 raise ValueError(f"Mined weights for {name} have shape {tuple(weights.shape)}; expected one per tuple")
+        for name in ("pos_mask", "neg_mask"):
+            mask = getattr(self, name)
+            if mask is None:
+                continue
+            if (self.pos_pairs, self.neg_pairs)[name == "neg_mask"] is not None:
+                raise ValueError(f"Mined has both {name} and its pair lists; give one form of the pairs")
+            if mask.shape != (n_query, n_ref):
+                raise ValueError(f"Mined.{name} has shape {tuple(mask.shape)}; expected [{n_query}, {n_ref}] (queries x reference set)")
+            _check_mask_values(mask, name)
+        if self.triplet_mask is not None:
+            if self.triplets is not None:
+                raise ValueError("Mined has both triplet_mask and triplets; give one form of the triplets")
+            positives, mask = self.triplet_mask
+            if positives.dtype != torch.long or positives.dim() != 2 or len(positives) != n_query:
+                raise ValueError(f"Mined.triplet_mask.positives must be int64 [{n_query}, K], got {positives.dtype} {tuple(positives.shape)}")
+            if mask.shape != (*positives.shape, n_ref):
+                raise ValueError(f"Mined.triplet_mask.mask has shape {tuple(mask.shape)}; expected [{n_query}, {positives.shape[1]}, {n_ref}]")
+            if positives.numel() and (int(positives.min()) < 0 or int(positives.max()) >= n_ref):
+                raise ValueError(f"Mined.triplet_mask.positives indexes outside the reference set of size {n_ref}")
+            _check_mask_values(mask, "triplet_mask.mask")
         if self.mix is not None:
             self.mix.validate(n_query, n_ref)
 
     def _device(self) -> torch.device:
-        for group in (self.pos_pairs, self.neg_pairs, self.triplets):
-            if group is not None:
+        for group in (self.pos_pairs, self.neg_pairs, self.triplets, (self.pos_mask,), (self.neg_mask,), self.triplet_mask):
+            if group is not None and group[0] is not None:
                 return group[0].device
         return self.mix.anchors.device if self.mix is not None else torch.device("cpu")

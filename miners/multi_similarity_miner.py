@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
 from losses.distances import BaseDistance, CosineSimilarity
 from miners.base_miner import BaseMiner
@@ -25,6 +24,9 @@ class MultiSimilarityMiner(BaseMiner):
     positive pair or no negative pair at all yields nothing. Equals pytorch-metric-learning's
     ``MultiSimilarityMiner``, computed with two masked row reductions instead of two full row sorts.
 
+    The pairs come as dense ``[B, M]`` masks (``Mined.from_masks``): the miner typically keeps a
+    large share of all pairs (about 4M at B = 2048), which a list would hold at 16 bytes a pair.
+
     Args:
         epsilon: the slack of the two inequalities, in the units of the distance.
         distance: shared with the loss; default ``CosineSimilarity()``.
@@ -40,23 +42,22 @@ class MultiSimilarityMiner(BaseMiner):
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
         not_pos, not_neg = outside_masks(inputs.labels, inputs.ref_labels, inputs.same_set, mat.dtype)
-        if not_pos.numel() == 0 or float(not_pos.amin()) > 0.5 or float(not_neg.amin()) > 0.5:
-            empty = torch.empty(0, dtype=torch.long, device=mat.device)
-            return Mined.from_pairs(empty, empty, empty, empty)
         eps = self.epsilon
         inverted = self.distance.is_inverted
-        # Positives pushed to the end where the hardest positive is not searched (non-positives never
-        # pass the tests below either, since they sit at -/+finfo.max); likewise for negatives.
+        # Non-positives pushed to the end where the hardest positive is not searched, so they never
+        # pass the positive test below either; likewise for non-negatives. An anchor without
+        # positives gets a hardest positive of -/+finfo.max, which no negative passes, and vice
+        # versa; so a batch without positive (or negative) pairs yields nothing.
         pos_mat = push_outside(mat, not_pos, largest=not inverted, out=not_pos)
         neg_mat = push_outside(mat, not_neg, largest=inverted, out=not_neg)
         if inverted:
             hardest_pos = pos_mat.amin(dim=1, keepdim=True)
             hardest_neg = neg_mat.amax(dim=1, keepdim=True)
-            a1, p = torch.where(pos_mat - eps < hardest_neg)
-            a2, n = torch.where(neg_mat + eps > hardest_pos)
+            keep_pos = pos_mat.sub_(eps) < hardest_neg
+            keep_neg = neg_mat.add_(eps) > hardest_pos
         else:
             hardest_pos = pos_mat.amax(dim=1, keepdim=True)
             hardest_neg = neg_mat.amin(dim=1, keepdim=True)
-            a1, p = torch.where(pos_mat + eps > hardest_neg)
-            a2, n = torch.where(neg_mat - eps < hardest_pos)
-        return Mined.from_pairs(a1, p, a2, n)
+            keep_pos = pos_mat.add_(eps) > hardest_neg
+            keep_neg = neg_mat.sub_(eps) < hardest_pos
+        return Mined.from_masks(keep_pos, keep_neg)

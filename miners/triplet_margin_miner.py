@@ -26,7 +26,9 @@ class TripletMarginMiner(BaseMiner):
 
     The band test runs on ``[anchors, K, M]`` blocks (``K``: most positives of an anchor, padded)
     broadcast from the distance matrix, in which non-negatives are pushed out of the band, so the
-    list of all triplets is never built; only the selected triplets are (the ``Mined`` contract).
+    list of all triplets is never built. The selected triplets are returned in the dense form
+    ``Mined.triplet_mask`` (``[B, K, M]`` bits; millions of semi-hard triplets at B = 2048), or as
+    lists when that mask would exceed ``mask_entries``.
 
     Args:
         margin: the band edge, in the units of the distance.
@@ -36,6 +38,8 @@ class TripletMarginMiner(BaseMiner):
 
     #: entries of one ``[anchors, K, M]`` block; bounds the miner's temporary memory.
     block_entries: int = 1 << 24
+    #: largest ``B * K * M`` returned as a ``TripletMask`` (one byte per entry); beyond it, index lists.
+    mask_entries: int = 1 << 28
 
     def __init__(self, margin: float = 0.2, type_of_triplets: str = "all", distance: Optional[BaseDistance] = None) -> None:
         super().__init__(distance=distance)
@@ -62,17 +66,23 @@ class TripletMarginMiner(BaseMiner):
         is_pos, pos_idx = (1 - not_pos).topk(k, dim=1)
         ap = mat.gather(1, pos_idx).masked_fill_(is_pos < 0.5, float("nan"))
         rows = max(1, self.block_entries // max(1, k * mat.shape[1]))
+        as_mask = len(mat) * k * mat.shape[1] <= self.mask_entries
+        mask = torch.empty((len(mat), k, mat.shape[1]), dtype=torch.bool, device=mat.device) if as_mask else None
         out_a, out_p, out_n = [], [], []
         for start in range(0, len(mat), rows):  # blocks of anchors bounded by block_entries
             ap_b = ap[start : start + rows].unsqueeze(2)
             an_b = neg_mat[start : start + rows].unsqueeze(1)
             m = (ap_b - an_b) if inverted else (an_b - ap_b)
-            a, slot, n = torch.where(self._in_band(m))
+            keep = self._in_band(m)
+            if mask is not None:
+                mask[start : start + rows] = keep
+                continue
+            a, slot, n = torch.where(keep)
             out_a.append(a + start)
             out_p.append(pos_idx[a + start, slot])
             out_n.append(n)
-        if len(out_a) == 1:
-            return Mined.from_triplets(out_a[0], out_p[0], out_n[0])
+        if mask is not None:
+            return Mined.from_triplet_mask(pos_idx, mask)
         return Mined.from_triplets(torch.cat(out_a), torch.cat(out_p), torch.cat(out_n))
 
     def _in_band(self, m: torch.Tensor) -> torch.Tensor:

@@ -24,3 +24,13 @@ class TinyEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def random_batch(seed: int, n: int = 12, dim: int = 6, classes: int = 4, ref: int | None = None):
+    """Float64 embeddings and labels ``(emb, labels, ref_emb, ref_labels)``; the reference set only when ``ref`` rows are asked for."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    if ref is None:
+        return emb, labels, None, None
+    return emb, labels, torch.randn(ref, dim, generator=g, dtype=torch.float64), torch.randint(0, classes, (ref,), generator=g)

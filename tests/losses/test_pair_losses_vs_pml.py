@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import random_batch
+
 P = pytest.importorskip("pytorch_metric_learning.losses")
 PM = pytest.importorskip("pytorch_metric_learning.miners")
 PD = pytest.importorskip("pytorch_metric_learning.distances")
@@ -73,13 +75,7 @@ MINERS = {
 }
 
 
-def make_batch(seed: int, n: int = 12, dim: int = 6, classes: int = 4, ref: int | None = None):
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    if ref is None:
-        return emb, labels, None, None
-    return emb, labels, torch.randn(ref, dim, generator=g, dtype=torch.float64), torch.randint(0, classes, (ref,), generator=g)
+make_batch = random_batch
 
 
 def pml_drops_it(indices) -> bool:
