@@ -16,7 +16,8 @@ Gaussian embeddings (``--embeddings random``) or tight class clusters (``cluster
 how many tuples the miners return. Our losses are looked up by name in ``losses`` (another engineer
 writes them), so a pair whose loss does not exist yet is listed as skipped. PML's ``NTXentLoss`` is
 ``O(B^3)`` in memory and is skipped above ``B = 256``. ``HardNegativeTopKMiner`` has no PML
-counterpart: its PML column runs PML's loss on our miner's tuples. ``value`` is the relative
+counterpart: its PML column runs PML's loss on our miner's tuples. Pairs without a miner
+(``supcon``, ``ntxent``) time the loss over every tuple of the batch. ``value`` is the relative
 difference of the two loss values (both libraries on the same batch; blank for random miners).
 """
 
@@ -43,7 +44,7 @@ class Pair:
     """One row of the table: a miner and a loss, ours and PML's, by class name and arguments."""
 
     name: str
-    miner: tuple[str, dict[str, Any]]
+    miner: Optional[tuple[str, dict[str, Any]]]  # None: no miner (every tuple), on both sides
     loss: tuple[str, dict[str, Any]]
     pml_miner: Optional[tuple[str, dict[str, Any]]]
     pml_loss: tuple[str, dict[str, Any]]
@@ -70,6 +71,8 @@ PAIRS = [
          None, ("TripletMarginLoss", {"margin": 0.05})),
     Pair("topk_ntxent", ("HardNegativeTopKMiner", {"k": 10}), ("NTXentLoss", {}),
          None, ("NTXentLoss", {}), pml_max_batch=256),
+    Pair("supcon", None, ("SupConLoss", {}), None, ("SupConLoss", {})),
+    Pair("ntxent", None, ("NTXentLoss", {}), None, ("NTXentLoss", {}), pml_max_batch=256),
 ]
 
 
@@ -190,7 +193,9 @@ def time_pair(pair: Pair, row: dict[str, Any], emb, labels, args, pml_losses, pm
         row["notes"].append(f"PML {pair.pml_loss[0]} skipped above B={pair.pml_max_batch} (O(B^3) memory)")
     else:
         pml_loss = build(pml_losses, pair.pml_loss)
-        if pair.pml_miner is None:
+        if pair.miner is None:
+            pml_miner_fn = None
+        elif pair.pml_miner is None:
             def pml_miner_fn(x, y):  # no PML counterpart: PML's loss on our miner's tuples
                 return miner(x, y).to_tuple()
 

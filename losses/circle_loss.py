@@ -8,7 +8,7 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import check_disjoint, mined_pairs, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.pair_matrix import any_mined, check_disjoint, is_mined, mined_pair_matrices, weighted_logsumexp, work_dtype
 from losses.reducers import mean_nonzero
 from miners.mined import Mined
 from miners.tuples import Inputs
@@ -50,20 +50,18 @@ class CircleLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
         zero = self.zero_loss(inputs)
-        if len(a1) == 0 or len(a2) == 0:
+        dtype = work_dtype(inputs.emb.dtype)
+        pos_w, neg_w = mined_pair_matrices(inputs, mined, dtype)
+        if not any_mined(pos_w) or not any_mined(neg_w):
             return zero
-        sim = self.distance(inputs.emb, inputs.ref_emb)
-        sim = sim.to(work_dtype(sim.dtype))
-        pos_w = pair_weight_matrix(a1, p, pw, tuple(sim.shape), sim.dtype)
-        neg_w = pair_weight_matrix(a2, n, nw, tuple(sim.shape), sim.dtype)
         check_disjoint(pos_w, neg_w, type(self).__name__)
+        sim = self.distance(inputs.emb, inputs.ref_emb).to(dtype)
         alpha_p = F.relu(1 + self.m - sim.detach())
         alpha_n = F.relu(sim.detach() + self.m)
         lse_p = weighted_logsumexp(-self.gamma * alpha_p * (sim - (1 - self.m)), pos_w)
         lse_n = weighted_logsumexp(self.gamma * alpha_n * (sim - self.m), neg_w)
-        valid = (pos_w > 0).any(dim=1) & (neg_w > 0).any(dim=1)
+        valid = is_mined(pos_w).any(dim=1) & is_mined(neg_w).any(dim=1)
         total = torch.where(valid, lse_p + lse_n, torch.zeros_like(lse_p))
         losses = torch.where(valid, F.softplus(total), torch.zeros_like(total))
         return mean_nonzero(losses, zero).to(inputs.emb.dtype)

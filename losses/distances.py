@@ -60,18 +60,28 @@ class ComputedMatrix:
         return _tensor_key(ref) == self.keys[1]
 
 
-class _GivenMatrix(torch.autograd.Function):
-    """``distance.compute_mat(q, r)`` whose value is already known: forward returns it, backward is the distance's."""
+class _DistanceMatrix(torch.autograd.Function):
+    """``distance.compute_mat(q, r)`` with the distance's analytic backward (``mat_backward``).
+
+    ``value``, when given, is the already known matrix (a miner's): forward returns it without
+    computing. ``r=None`` compares ``q`` with itself; the backward then runs one product instead of
+    two: for a symmetric distance, the gradient of ``sum(G * d(q, q))`` w.r.t. ``q`` is that of the
+    first argument alone under ``G + G.T``.
+    """
 
     @staticmethod
-    def forward(ctx, q: Tensor, r: Tensor, value: Tensor, distance: "BaseDistance") -> Tensor:
-        ctx.distance = distance
-        ctx.save_for_backward(q, r, value)
-        return value.view_as(value)
+    def forward(ctx, q: Tensor, r: Tensor | None, value: Tensor | None, distance: "BaseDistance") -> Tensor:
+        ctx.distance, ctx.same = distance, r is None
+        out = distance.compute_mat(q, q if r is None else r) if value is None else value.view_as(value)
+        ctx.save_for_backward(q, q if r is None else r, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, r, value = ctx.saved_tensors
+        if ctx.same:
+            grad_q, _ = ctx.distance.mat_backward(q, q, value, grad + grad.t(), (True, False))
+            return grad_q, None, None, None
         grad_q, grad_r = ctx.distance.mat_backward(q, r, value, grad, ctx.needs_input_grad[:2])
         return grad_q, grad_r, None, None
 
@@ -103,11 +113,14 @@ class BaseDistance(nn.Module):
 
     def forward(self, query_emb: Tensor, ref_emb: Tensor | None = None) -> Tensor:
         """``query_emb: [N, D]``, ``ref_emb: [M, D]`` (default: ``query_emb``) -> ``[N, M]``."""
+        same = ref_emb is None or ref_emb is query_emb
         q = self.maybe_normalize(query_emb)
-        r = q if ref_emb is None else self.maybe_normalize(ref_emb)
-        reuse = next((c for c in self._reuse if c.matches(self.signature(), query_emb, ref_emb)), None)
-        if reuse is not None:
-            mat = _GivenMatrix.apply(q, r, reuse.value, self)
+        r = q if same else self.maybe_normalize(ref_emb)
+        reuse = next((c.value for c in self._reuse if c.matches(self.signature(), query_emb, ref_emb)), None)
+        if self.reusable and torch.is_grad_enabled() and (q.requires_grad or r.requires_grad):
+            mat = _DistanceMatrix.apply(q, None if same else r, reuse, self)
+        elif reuse is not None:
+            mat = reuse
         else:
             mat = self.compute_mat(q, r)
             if self._records is not None and not mat.requires_grad:
@@ -149,7 +162,7 @@ class BaseDistance(nn.Module):
     def reusing(self, computed: tuple[ComputedMatrix, ...]) -> Iterator[None]:
         """Within the block, a call on the very inputs one of ``computed`` was made from returns its value.
 
-        The returned matrix carries gradient: only the backward matmul runs (``mat_backward``), so a
+        The returned matrix carries gradient: only the backward product runs (``mat_backward``), so a
         loss after a miner costs one ``B x M`` matmul less. Any other call computes as usual.
         """
         previous = self._reuse

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import check_disjoint, mined_pairs, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.pair_matrix import any_mined, check_disjoint, is_mined, mined_pair_matrices, weighted_logsumexp, work_dtype
 from losses.reducers import mean_nonzero
 from miners.mined import Mined
 from miners.tuples import Inputs
@@ -47,24 +47,25 @@ class SupConLoss(BaseLoss):
     def default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
+    def _logit_scale(self) -> float:
+        """Logits are ``s / t``: ``+1/t`` times a similarity, ``-1/t`` times a distance."""
+        return (1.0 if self.distance.is_inverted else -1.0) / self.temperature
+
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
         zero = self.zero_loss(inputs)
-        if len(a1) == 0 or len(a2) == 0:
+        dtype = work_dtype(inputs.emb.dtype)
+        pos_w, neg_w = mined_pair_matrices(inputs, mined, dtype)
+        if not any_mined(pos_w) or not any_mined(neg_w):
             return zero
-        mat = self.distance(inputs.emb, inputs.ref_emb)
-        mat = mat.to(work_dtype(mat.dtype))
-        shape = tuple(mat.shape)
-        pos_w = pair_weight_matrix(a1, p, pw, shape, mat.dtype)
-        neg_w = pair_weight_matrix(a2, n, nw, shape, mat.dtype)
         check_disjoint(pos_w, neg_w, type(self).__name__)
-        is_pos = pos_w > 0
-        if not bool(is_pos.any()) or not bool((neg_w > 0).any()):
-            return zero
-        logits = (mat if self.distance.is_inverted else -mat) / self.temperature
-        log_z = weighted_logsumexp(logits, torch.where(is_pos, torch.ones_like(pos_w), neg_w))
+        mat = self.distance(inputs.emb, inputs.ref_emb).to(dtype)
+        is_pos = is_mined(pos_w)
+        # Z_a: positives unweighted, negatives with their weights
+        z_weights = is_pos | neg_w if neg_w.dtype == torch.bool else torch.where(is_pos, 1.0, neg_w)
+        log_z = weighted_logsumexp(mat, z_weights, scale=self._logit_scale())
+        pos_w = pos_w.to(dtype)
         count = is_pos.sum(dim=1)
         log_z = torch.where(count > 0, log_z, torch.zeros_like(log_z))
-        log_prob_sum = (pos_w * logits).sum(dim=1) - pos_w.sum(dim=1) * log_z
-        losses = -log_prob_sum / count.clamp(min=1).to(logits.dtype)
+        log_prob_sum = (pos_w * mat).sum(dim=1) * self._logit_scale() - pos_w.sum(dim=1) * log_z
+        losses = -log_prob_sum / count.clamp(min=1).to(dtype)
         return mean_nonzero(losses, zero).to(inputs.emb.dtype)

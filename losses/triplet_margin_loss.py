@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from losses.base_loss import BaseLoss
-from losses.pair_matrix import check_weights, few_tuples, listed_distances, work_dtype
+from losses.pair_matrix import any_mined, check_weights, few_tuples, listed_distances, work_dtype
 from losses.reducers import mean_nonzero, weighted
 from miners.mined import Mined
 from miners.tuples import Inputs, all_triplets
@@ -64,12 +64,14 @@ class TripletMarginLoss(BaseLoss):
 
         ``violation[a, k, n] = margin(d(a, positives[a, k]), d(a, n)) + m`` is ``[B, K, M]``, built from
         the ``[B, M]`` matrix by a gather and a broadcast; entries outside ``mask`` weigh 0. Same value
-        as the listed triplets, without listing them.
+        as the listed triplets, without listing them. The plain hinge takes ``_masked_hinge``.
         """
-        if not bool(mask.any()):
+        if not any_mined(mask):
             return self.zero_loss(inputs)
         mat = self.distance(inputs.emb, inputs.ref_emb)
         mat = mat.to(work_dtype(mat.dtype))
+        if not self.swap and not self.smooth_loss:
+            return self._masked_hinge(inputs, mat, positives, mask)
         ap = mat.gather(1, positives).unsqueeze(2)  # [B, K, 1]
         an = mat.unsqueeze(1)  # [B, 1, M]
         if self.swap:
@@ -79,6 +81,32 @@ class TripletMarginLoss(BaseLoss):
         violation = self.distance.margin(ap, an) + self.margin
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         return mean_nonzero(weighted(losses, mask), self.zero_loss(inputs)).to(inputs.emb.dtype)
+
+    def _masked_hinge(self, inputs: Inputs, mat: Tensor, positives: Tensor, mask: Tensor) -> Tensor:
+        """``_masked_loss`` for the hinge: linear on the active triplets, so reduced to ``[B, K]`` and ``[B, M]`` coefficients.
+
+        With ``A[a, k, n]`` the weight of an active triplet (mined and ``violation > 0``, decided
+        without gradient), ``sum A * violation = sum_{a,k} A[a,k,:].sum() * d(a, p_ak) - sum_{a,n}
+        A[a,:,n].sum() * d(a, n) + m * sum A`` (signs swapped for a similarity): two reductions of
+        ``A`` replace the ``[B, K, M]`` autograd graph.
+        """
+        with torch.no_grad():
+            violation = self.distance.margin(mat.gather(1, positives).unsqueeze(2), mat.unsqueeze(1)).add_(self.margin)
+            active = violation > 0
+            active &= mask if mask.dtype == torch.bool else mask > 0
+            count = int(torch.count_nonzero(active))
+            if count and mask.dtype != torch.bool:
+                active = active.to(mat.dtype).mul_(mask.to(mat.dtype))
+            del violation
+        if count == 0:
+            return self.zero_loss(inputs)  # outside no_grad: the zero keeps the graph
+        with torch.no_grad():
+            pos_coeff = active.sum(dim=2, dtype=mat.dtype)  # [B, K]
+            neg_coeff = active.sum(dim=1, dtype=mat.dtype)  # [B, M]
+            constant = self.margin * float(active.sum(dtype=torch.float64)) if mask.dtype != torch.bool else self.margin * count
+        sign = -1.0 if self.distance.is_inverted else 1.0
+        total = sign * ((mat.gather(1, positives) * pos_coeff).sum() - (mat * neg_coeff).sum()) + constant
+        return (total / count).to(inputs.emb.dtype)
 
     def _dense_hinge(self, inputs: Inputs, mat: Tensor, a: Tensor, p: Tensor, n: Tensor, w: Tensor | None) -> Tensor:
         """The hinge loss of many triplets as a masked ``[B, M]`` reduction (same value, dense backward).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-
 from losses.distances import BaseDistance, CosineSimilarity
 from miners.base_miner import BaseMiner
 from miners.masked_reductions import outside_masks, push_outside
