@@ -9,7 +9,7 @@ import torch
 from losses.distances import BaseDistance
 from miners.base_miner import BaseMiner
 from miners.mined import Mined
-from miners.tuples import Inputs, label_masks
+from miners.tuples import Inputs
 
 
 class PairMarginMiner(BaseMiner):
@@ -33,11 +33,16 @@ class PairMarginMiner(BaseMiner):
 
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
-        pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+        same = inputs.labels.unsqueeze(1) == inputs.ref_labels.unsqueeze(0)
         if self.distance.is_inverted:
-            keep_pos, keep_neg = pos & (mat < self.pos_margin), neg & (mat > self.neg_margin)
+            past_pos, past_neg = mat < self.pos_margin, mat > self.neg_margin
         else:
-            keep_pos, keep_neg = pos & (mat > self.pos_margin), neg & (mat < self.neg_margin)
-        a1, p = torch.where(keep_pos)
-        a2, n = torch.where(keep_neg)
-        return Mined.from_pairs(a1, p, a2, n)
+            past_pos, past_neg = mat > self.pos_margin, mat < self.neg_margin
+        # One listing of both kinds (a B x M nonzero is the miner's costliest step after the matrix),
+        # split afterwards; each kind keeps torch.where's row-major order.
+        rows, cols = torch.where((same & past_pos) | (past_neg & ~same))
+        is_pos = same[rows, cols]
+        if inputs.same_set:
+            keep = ~is_pos | (rows != cols)  # a row is not its own positive
+            rows, cols, is_pos = rows[keep], cols[keep], is_pos[keep]
+        return Mined.from_pairs(rows[is_pos], cols[is_pos], rows[~is_pos], cols[~is_pos])
