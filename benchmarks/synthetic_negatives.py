@@ -77,8 +77,10 @@ def argv_for(entries: list[str], seed: int, folder: Path) -> list[str]:
 
 
 def final_metrics(folder: Path) -> dict[str, float] | None:
-    path = folder / "metrics.csv"
-    if not path.is_file():
+    """The last validation row of the run: ``metrics.csv`` of a fit, or of the newest ``validate-*/`` log."""
+    candidates = [folder / "metrics.csv", *sorted(folder.glob("validate-*/metrics.csv"), reverse=True)]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
         return None
     rows = [r for r in csv.DictReader(path.open()) if r.get(METRICS[0])]
     return {k: float(rows[-1][k]) for k in METRICS} if rows else None
@@ -91,7 +93,7 @@ def run(name: str, seed: int, out: Path) -> dict[str, float]:
     if done is not None and timing.is_file():
         return {**done, "seconds": float(timing.read_text())}
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("metrics.csv"):
+    for stale in [*folder.glob("metrics.csv"), *folder.glob("validate-*/metrics.csv")]:
         stale.unlink()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "experiments.cli", *argv_for(ARMS[name], seed, folder)]

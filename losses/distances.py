@@ -279,15 +279,17 @@ class DotProductSimilarity(BaseDistance):
         return _inner_product_backward(query_emb, ref_emb, grad, needs)
 
 
-#: below this share of non-zero entries the gradient of a matrix is multiplied as a sparse matrix.
-#: Losses that touch few pairs (batch-hard, top-k, margin-mined pairs) leave most of it zero; measured
-#: on CPU at B = M = 2048, D = 512, sparse products win below about 5% (dense: ~60 ms each).
+#: below this share of non-zero entries the gradient of a matrix is multiplied as a sparse matrix (on
+#: CPU; GPUs keep the dense product, where the crossover was not measured). Losses that touch few
+#: pairs (batch-hard, top-k, margin-mined pairs) leave most of it zero; measured on CPU at
+#: B = M = 2048, D = 512, sparse products win below about 5% (dense: ~60 ms each).
 SPARSE_GRAD_DENSITY = 0.03
 
 
 def _inner_product_backward(q: Tensor, r: Tensor, grad: Tensor, needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of ``sum(grad * (q @ r.T))``: ``grad @ r`` and ``grad.T @ q`` (sparse products when ``grad`` is mostly 0)."""
-    if grad.dtype in (torch.float32, torch.float64) and int(torch.count_nonzero(grad)) <= SPARSE_GRAD_DENSITY * grad.numel():
+    sparse_ok = grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64)  # measured on CPU only
+    if sparse_ok and int(torch.count_nonzero(grad)) <= SPARSE_GRAD_DENSITY * grad.numel():
         sparse = grad.to_sparse()
         return (torch.sparse.mm(sparse, r) if needs[0] else None), (torch.sparse.mm(sparse.t(), q) if needs[1] else None)
     return (grad @ r if needs[0] else None), (grad.t() @ q if needs[1] else None)
