@@ -9,7 +9,7 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import mined_pairs, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.pair_matrix import any_mined, softmax_pairs, weighted_logsumexp, work_dtype
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -58,16 +58,13 @@ class DebiasedContrastiveLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
-        if len(a1) == 0 or len(a2) == 0:
+        dtype = work_dtype(inputs.emb.dtype)
+        a1, p, pw, pos_w, neg_w = softmax_pairs(inputs, mined, dtype)
+        if len(a1) == 0 or not any_mined(neg_w):
             return self.zero_loss(inputs)
-        mat = self.distance(inputs.emb, inputs.ref_emb)
-        mat = mat.to(work_dtype(mat.dtype))
+        mat = self.distance(inputs.emb, inputs.ref_emb).to(dtype)
         logits = (mat if self.distance.is_inverted else -mat) / self.temperature
-        shape = tuple(logits.shape)
-        neg_w = pair_weight_matrix(a2, n, nw, shape, logits.dtype, accumulate=True)
-        pos_w = pair_weight_matrix(a1, p, pw, shape, logits.dtype, accumulate=True)
-        n_neg, n_pos = neg_w.sum(dim=1), pos_w.sum(dim=1)
+        n_neg, n_pos = neg_w.sum(dim=1, dtype=dtype), pos_w.sum(dim=1, dtype=dtype)
         valid = (n_neg > 0) & (n_pos > 0)
         ones = torch.ones_like(n_neg)
         # Rows without negatives or positives would give -inf - -inf; they only feed zero terms.

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import mined_pairs, pair_weight_matrix, weighted_logsumexp, work_dtype
+from losses.pair_matrix import any_mined, softmax_pairs, weighted_logsumexp, work_dtype
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -56,15 +56,14 @@ class NTXentLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
-        if len(a1) == 0 or len(a2) == 0:
+        dtype = work_dtype(inputs.emb.dtype)
+        a1, p, pw, _, neg_w = softmax_pairs(inputs, mined, dtype, dense_positives=False)
+        if len(a1) == 0 or not any_mined(neg_w):
             return self.zero_loss(inputs)
-        mat = self.distance(inputs.emb, inputs.ref_emb)
-        mat = mat.to(work_dtype(mat.dtype))
-        logits = (mat if self.distance.is_inverted else -mat) / self.temperature
-        neg_w = pair_weight_matrix(a2, n, nw, tuple(logits.shape), logits.dtype, accumulate=True)
-        neg_lse = weighted_logsumexp(logits, neg_w)[a1]
-        pos = logits[a1, p]
+        mat = self.distance(inputs.emb, inputs.ref_emb).to(dtype)
+        scale = (1.0 if self.distance.is_inverted else -1.0) / self.temperature  # logits s / t
+        neg_lse = weighted_logsumexp(mat, neg_w, scale=scale)[a1]
+        pos = mat[a1, p] * scale
         losses = torch.logaddexp(pos, neg_lse) - pos
         if pw is not None:
             losses = losses * pw.to(losses.dtype)

@@ -90,6 +90,27 @@ def mined_pair_matrices(inputs: Inputs, mined: Mined | None, dtype: torch.dtype,
     return mined.pair_matrices((len(inputs.emb), len(inputs.ref_emb)), dtype, accumulate)
 
 
+def softmax_pairs(
+    inputs: Inputs, mined: Mined | None, dtype: torch.dtype, dense_positives: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """``(a1, p, pw, pos_w, neg_w)`` for the InfoNCE-style losses: one term per listed positive pair.
+
+    The positive pairs are listed (with weights ``pw`` or None), and both kinds are also given as
+    dense ``[B, M]`` weights in which a pair listed twice counts twice (weights summed; PML's
+    pair-based semantics); ``pos_w`` may be None from lists unless ``dense_positives``. From masks
+    or ``mined=None`` only the positives are listed: the negatives (nearly all of the ``B x M``
+    pairs) stay a mask.
+    """
+    if mined is None or mined.has_masks:
+        pos_w, neg_w = mined_pair_matrices(inputs, mined, dtype)
+        a1, p = torch.where(is_mined(pos_w))
+        return a1, p, (None if pos_w.dtype == torch.bool else pos_w[a1, p]), pos_w, neg_w
+    a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
+    shape = (len(inputs.emb), len(inputs.ref_emb))
+    pos_w = pair_weight_matrix(a1, p, pw, shape, dtype, accumulate=True) if dense_positives else None
+    return a1, p, pw, pos_w, pair_weight_matrix(a2, n, nw, shape, dtype, accumulate=True)
+
+
 def any_mined(weights: Tensor) -> bool:
     """Whether a pair weight matrix (bool or float) has a mined entry (``count_nonzero``: several times faster than ``any`` on CPU)."""
     return bool(torch.count_nonzero(weights))

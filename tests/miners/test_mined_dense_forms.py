@@ -123,7 +123,13 @@ def test_triplet_loss_on_a_mask_equals_the_list(smooth_loss: bool, swap: bool, w
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("loss", [losses.ContrastiveLoss(pos_margin=0.3, neg_margin=0.9), losses.MultiSimilarityLoss(), losses.CircleLoss(), losses.SupConLoss()], ids=type)
+PAIR_LOSSES = [
+    losses.ContrastiveLoss(pos_margin=0.3, neg_margin=0.9), losses.MultiSimilarityLoss(), losses.CircleLoss(),
+    losses.SupConLoss(), losses.NTXentLoss(temperature=0.2), losses.DebiasedContrastiveLoss(temperature=0.5, tau_plus=0.1),
+]
+
+
+@pytest.mark.parametrize("loss", PAIR_LOSSES, ids=lambda loss: type(loss).__name__)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_pair_losses_on_masks_equal_the_lists(loss, weighted: bool) -> None:
     g = torch.Generator().manual_seed(6)
