@@ -79,8 +79,10 @@ class _DistanceMatrix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, r, value = ctx.saved_tensors
+        grad = _sparse_if_mostly_zero(grad)
         if ctx.same:
-            grad_q, _ = ctx.distance.mat_backward(q, q, value, grad + grad.t(), (True, False))
+            grad = (grad + grad.t()).coalesce() if grad.is_sparse else grad + grad.t()
+            grad_q, _ = ctx.distance.mat_backward(q, q, value, grad, (True, False))
             return grad_q, None, None, None
         grad_q, grad_r = ctx.distance.mat_backward(q, r, value, grad, ctx.needs_input_grad[:2])
         return grad_q, grad_r, None, None
@@ -145,7 +147,8 @@ class BaseDistance(nn.Module):
     ) -> tuple[Tensor | None, Tensor | None]:
         """Gradients of ``sum(grad * compute_mat(q, r))`` w.r.t. ``q`` and ``r``, given ``mat = compute_mat(q, r)``.
 
-        A subclass that implements it lets a loss reuse a miner's matrix (``reusing``).
+        ``grad`` is dense, or a coalesced sparse COO matrix when mostly zero (losses that touch few
+        pairs). A subclass that implements it lets a loss reuse a miner's matrix (``reusing``).
         """
         raise NotImplementedError
 
@@ -239,11 +242,20 @@ class LpDistance(BaseDistance):
     def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
         """``d_ij = |q_i - r_j|``: ``dd_ij/dq_i = (q_i - r_j) / d_ij`` (0 where ``d_ij = 0``, as ``torch.cdist``)."""
         work = torch.float32 if mat.dtype in (torch.float16, torch.bfloat16) else mat.dtype
-        g = torch.where(mat > 0, grad.to(work) / mat.to(work), 0.0)
         q, r = query_emb.to(work), ref_emb.to(work)
+        if grad.is_sparse:  # only the non-zero entries: G_ij / d_ij, and its row and column sums
+            rows, cols = grad.indices()
+            d = mat[rows, cols].to(work)
+            w = torch.where(d > 0, grad.values().to(work) / d, 0.0)
+            g = torch.sparse_coo_tensor(grad.indices(), w, grad.shape, is_coalesced=True, check_invariants=False)
+            row_sum = torch.zeros(len(q), dtype=work, device=q.device).index_add_(0, rows, w).unsqueeze(1)
+            col_sum = torch.zeros(len(r), dtype=work, device=r.device).index_add_(0, cols, w).unsqueeze(1)
+        else:
+            g = torch.where(mat > 0, grad.to(work) / mat.to(work), 0.0)
+            row_sum, col_sum = g.sum(dim=1, keepdim=True), g.sum(dim=0).unsqueeze(1)
         gr, gq = _inner_product_backward(q, r, g, needs)
-        grad_q = (q * g.sum(dim=1, keepdim=True) - gr).to(query_emb.dtype) if needs[0] else None
-        grad_r = (r * g.sum(dim=0).unsqueeze(1) - gq).to(ref_emb.dtype) if needs[1] else None
+        grad_q = (q * row_sum - gr).to(query_emb.dtype) if needs[0] else None
+        grad_r = (r * col_sum - gq).to(ref_emb.dtype) if needs[1] else None
         return grad_q, grad_r
 
 
@@ -286,10 +298,17 @@ class DotProductSimilarity(BaseDistance):
 SPARSE_GRAD_DENSITY = 0.03
 
 
+def _sparse_if_mostly_zero(grad: Tensor) -> Tensor:
+    """``grad`` as a coalesced sparse COO matrix when at most ``SPARSE_GRAD_DENSITY`` of it is non-zero (CPU float)."""
+    if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.float64):  # crossover measured on CPU only
+        return grad
+    if int(torch.count_nonzero(grad)) > SPARSE_GRAD_DENSITY * grad.numel():
+        return grad
+    return grad.to_sparse()
+
+
 def _inner_product_backward(q: Tensor, r: Tensor, grad: Tensor, needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of ``sum(grad * (q @ r.T))``: ``grad @ r`` and ``grad.T @ q`` (sparse products when ``grad`` is mostly 0)."""
-    sparse_ok = grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64)  # measured on CPU only
-    if sparse_ok and int(torch.count_nonzero(grad)) <= SPARSE_GRAD_DENSITY * grad.numel():
-        sparse = grad.to_sparse()
-        return (torch.sparse.mm(sparse, r) if needs[0] else None), (torch.sparse.mm(sparse.t(), q) if needs[1] else None)
+    """Gradients of ``sum(grad * (q @ r.T))``: ``grad @ r`` and ``grad.T @ q``, as sparse products for a sparse ``grad``."""
+    if grad.is_sparse:
+        return (torch.sparse.mm(grad, r) if needs[0] else None), (torch.sparse.mm(grad.t(), q) if needs[1] else None)
     return (grad @ r if needs[0] else None), (grad.t() @ q if needs[1] else None)
