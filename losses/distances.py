@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in: float32 for half inputs (CPU kernels, exp and squares overflow in fp16), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _tensor_key(t: Tensor) -> tuple:
     """What identifies a tensor's current contents: its memory, layout and in-place version."""
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
@@ -218,19 +223,16 @@ class LpDistance(BaseDistance):
         super().__init__(normalize_embeddings=normalize_embeddings, p=p, power=power, is_inverted=False)
 
     def compute_mat(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
-        if query_emb.dtype in (torch.float16, torch.bfloat16):
-            # cdist has no half kernels on CPU; compute in float32 and return in the input dtype.
-            return torch.cdist(query_emb.float(), ref_emb.float(), p=self.p).to(query_emb.dtype)
-        return torch.cdist(query_emb, ref_emb, p=self.p)
+        # cdist has no half kernels on CPU; half inputs are compared in float32, returned in their dtype.
+        work = work_dtype(query_emb.dtype)
+        return torch.cdist(query_emb.to(work), ref_emb.to(work), p=self.p).to(query_emb.dtype)
 
     def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         if self.p != 2:
             return torch.linalg.vector_norm(query_emb - ref_emb, ord=self.p, dim=-1)
         # sqrt of the summed squares: its backward is two [N, D] passes, vector_norm's about five.
         # Zero distances stay 0 with a zero gradient (as cdist), through the where below.
-        diff = query_emb - ref_emb
-        if diff.dtype in (torch.float16, torch.bfloat16):
-            diff = diff.float()  # squares of half values overflow early
+        diff = (query_emb - ref_emb).to(work_dtype(query_emb.dtype))  # squares of half values overflow early
         squared = (diff * diff).sum(dim=-1)
         positive = squared > 0
         return torch.where(positive, squared.where(positive, 1.0).sqrt(), 0.0).to(query_emb.dtype)
@@ -241,7 +243,7 @@ class LpDistance(BaseDistance):
 
     def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
         """``d_ij = |q_i - r_j|``: ``dd_ij/dq_i = (q_i - r_j) / d_ij`` (0 where ``d_ij = 0``, as ``torch.cdist``)."""
-        work = torch.float32 if mat.dtype in (torch.float16, torch.bfloat16) else mat.dtype
+        work = work_dtype(mat.dtype)
         q, r = query_emb.to(work), ref_emb.to(work)
         if grad.is_sparse:  # only the non-zero entries: G_ij / d_ij, and its row and column sums
             rows, cols = grad.indices()

@@ -15,22 +15,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from losses.distances import BaseDistance
-from miners.mined import Mined, Pairs, pair_weight_matrix  # noqa: F401  (re-exported)
+from losses.distances import BaseDistance, work_dtype  # noqa: F401  (work_dtype re-exported)
+from miners.mined import Mined, Pairs, check_weights, pair_weight_matrix  # noqa: F401  (re-exported)
 from miners.tuples import Inputs, all_pairs, label_masks
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a loss computes in: float32 for half inputs (exp/logsumexp overflow in fp16), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def check_weights(weights: Tensor | None, what: str) -> None:
-    """Raise ``ValueError`` if per-tuple weights are negative or not finite."""
-    if weights is None or weights.numel() == 0:
-        return
-    if not torch.isfinite(weights).all() or bool((weights < 0).any()):
-        raise ValueError(f"Mined {what} must be finite and >= 0; got min {float(weights.min())}, max {float(weights.max())}")
 
 
 def mined_pairs(inputs: Inputs, mined: Mined | None) -> Pairs:

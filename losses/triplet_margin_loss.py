@@ -131,7 +131,7 @@ class TripletMarginLoss(BaseLoss):
         with torch.no_grad():
             size = mat.numel()
             coeff = torch.bincount(lin_p, weights=weight, minlength=size) - torch.bincount(lin_n, weights=weight, minlength=size)
-            work = torch.float32 if mat.dtype in (torch.float16, torch.bfloat16) else mat.dtype
+            work = work_dtype(mat.dtype)
             coeff = coeff.view_as(mat).to(work)
             if self.distance.is_inverted:
                 coeff = coeff.neg_()

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from losses.distances import BaseDistance, LpDistance
+from losses.distances import BaseDistance, LpDistance, work_dtype
 from miners.base_miner import BaseMiner
 from miners.mined import Mined
 from miners.tuples import Inputs, label_masks, resolve_inputs
@@ -88,7 +88,7 @@ class DistanceWeightedMiner(BaseMiner):
             empty = torch.empty(0, dtype=torch.long, device=probs.device)
             return Mined.from_triplets(empty, empty, empty)
         k_max = int(k[anchors].max())
-        sample_dtype = torch.float32 if probs.dtype in (torch.float16, torch.bfloat16) else probs.dtype
+        sample_dtype = work_dtype(probs.dtype)
         p = torch.multinomial(pos[anchors].to(sample_dtype), k_max, replacement=True)
         n = torch.multinomial(probs[anchors].to(sample_dtype), k_max, replacement=True)
         take = torch.arange(k_max, device=probs.device).unsqueeze(0) < k[anchors].unsqueeze(1)
