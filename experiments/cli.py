@@ -41,6 +41,20 @@ def zoo(argv: list[str]) -> int:
     return 0
 
 
+def run_status(cli) -> int:
+    """Exit status of a LightningCLI run: 0 only when the trainer's loop finished.
+
+    Lightning turns some failures (an interrupt, a callback's request to stop) into a trainer state
+    rather than an exception; a run that did not finish must not exit 0.
+    """
+    trainer = getattr(cli, "trainer", None)
+    if trainer is None:
+        return 0  # --help, --print_config: nothing was run
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    return 0 if trainer.state.status == TrainerStatus.FINISHED else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -65,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if command in LIGHTNING_SUBCOMMANDS:
         from experiments.lightning_cli import run_lightning_cli
 
-        run_lightning_cli(None if from_command_line else argv)
-        return 0
+        cli = run_lightning_cli(None if from_command_line else argv)
+        return run_status(cli)
     print(f"hardneg: unknown subcommand {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+from types import ModuleType
+
+import pytest
 import torch
 from torch import nn
 
@@ -34,3 +39,51 @@ def random_batch(seed: int, n: int = 12, dim: int = 6, classes: int = 4, ref: in
     if ref is None:
         return emb, labels, None, None
     return emb, labels, torch.randn(ref, dim, generator=g, dtype=torch.float64), torch.randint(0, classes, (ref,), generator=g)
+
+
+def run_cli(argv: list[str]):
+    """Run a ``hardneg fit|validate|test`` command in-process and return its ``Trainer``.
+
+    Checks that the run really happened, not only that nothing raised: the trainer's loop finished
+    and, for ``fit``, at least one optimizer step ran with a finite training loss. Tests then check
+    what the run wrote (checkpoints, logs, results) themselves.
+    """
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    from experiments.cli import run_status
+    from experiments.lightning_cli import run_lightning_cli
+
+    cli = run_lightning_cli(list(argv))
+    trainer = cli.trainer
+    assert run_status(cli) == 0, f"{argv[0]} did not finish: trainer status {trainer.state.status}"
+    assert trainer.state.status == TrainerStatus.FINISHED
+    if argv[0] == "fit":
+        assert trainer.global_step >= 1, f"fit ran no optimizer step (global_step={trainer.global_step})"
+        loss = trainer.callback_metrics.get("train/loss")
+        assert loss is not None, f"fit logged no train/loss; logged: {sorted(trainer.callback_metrics)}"
+        assert torch.isfinite(loss).all(), f"train/loss is {loss}"
+    return trainer
+
+
+def oracle(module: str) -> ModuleType:
+    """Import a reference library that tests compare against (PML, sentence-transformers, ...).
+
+    On a developer's machine a missing oracle skips the test module; under CI (``CI`` set, as
+    ``.ci/run`` runs) it fails, since the ``dev`` extra declares every oracle and a skip there would
+    hide a broken install behind a green run.
+    """
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def require_path(path, what: str) -> None:
+    """Skip (fail under CI) when a file or folder a test reads is missing, e.g. a Debian data package."""
+    from pathlib import Path
+
+    if Path(path).exists():
+        return
+    message = f"{what} not found at {path}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI installs it (make install)")
+    pytest.skip(message)

@@ -3,7 +3,11 @@
 Miners and losses are discovered from ``miners.__all__`` / ``losses.__all__``: a new class is
 tested as soon as it is exported. Constructor arguments without a default come from ``REQUIRED``
 (by parameter name). A loss declares ``supports_ref_emb = False`` when it cannot take a reference
-set (it then skips the memory part) and ``accepts_mix = True`` once it uses a ``Mined.mix`` spec.
+set and ``accepts_mix = True`` once it uses a ``Mined.mix`` spec.
+
+The pairings that cannot work are listed below by name, with the reason. Every other pairing must
+run: a component that newly raises, or newly declares an incompatibility, fails the matrix instead
+of being skipped; and a listed pairing that starts working fails too, so the list stays true.
 """
 
 from __future__ import annotations
@@ -23,6 +27,23 @@ from miners import BaseMiner, Mined
 DIM, CLASSES = 8, 6
 # Constructor arguments that have no default, by parameter name.
 REQUIRED: dict[str, Any] = {"num_classes": CLASSES, "embedding_size": DIM}
+
+
+# Losses that do not read the synthetic negatives of a ``Mined.mix`` spec (MoCHiMiner returns one).
+NO_MIX = {"TripletMarginLoss", "SupConLoss", "CircleLoss", "DebiasedContrastiveLoss", "MarginLoss"}
+# (miner, loss, setting) -> why that pairing cannot run; "*" matches every miner or loss.
+INCOMPATIBLE: dict[tuple[str, str, str], str] = {
+    ("DistanceWeightedMiner", "*", "shared_cosine"): "samples by the unit-sphere L2 distance density (Wu et al. 2017)",
+    **{("MoCHiMiner", loss, setting): "ignores MoCHi's synthetic negatives" for loss in NO_MIX for setting in ("default_distances", "shared_cosine", "memory")},
+    ("*", "ProxyAnchorLoss", "memory"): "compares embeddings with proxies, not with a reference set",
+}
+
+
+def expected_incompatible(miner_cls: type, loss_cls: type, setting: str) -> str | None:
+    for m, l in ((miner_cls.__name__, loss_cls.__name__), (miner_cls.__name__, "*"), ("*", loss_cls.__name__)):
+        if (m, l, setting) in INCOMPATIBLE:
+            return INCOMPATIBLE[(m, l, setting)]
+    return None
 
 
 def exported(module, base: type) -> list[type]:
@@ -70,11 +91,13 @@ def degenerate_batches() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 
 
 def check_step(loss_fn, miner, emb: torch.Tensor, labels: torch.Tensor, loss_module) -> torch.Tensor:
-    """Mine, compute the loss, backpropagate; return the loss. Skips pairings the loss cannot take."""
+    """Mine, compute the loss, backpropagate; return the loss."""
     x = emb.clone().requires_grad_(True)
     mined = miner(x, labels)
-    if mined.mix is not None and not getattr(loss_module, "accepts_mix", False):
-        pytest.skip(f"{type(loss_module).__name__} does not use the mixing spec that {type(miner).__name__} returns")
+    assert mined.mix is None or getattr(loss_module, "accepts_mix", False), (
+        f"{type(loss_module).__name__} does not use the mixing spec that {type(miner).__name__} returns; "
+        "list the pairing in INCOMPATIBLE or make the loss read it"
+    )
     value = loss_fn(x, labels, mined)
     assert value.dim() == 0 and torch.isfinite(value), f"loss {value}"
     value.backward()
@@ -90,10 +113,13 @@ def check_step(loss_fn, miner, emb: torch.Tensor, labels: torch.Tensor, loss_mod
 @pytest.mark.parametrize("miner_cls", MINERS, ids=lambda c: c.__name__)
 def test_miner_loss_matrix(miner_cls: type, loss_cls: type, shared_distance: bool) -> None:
     extra = {"distance": CosineSimilarity()} if shared_distance else {}
-    try:
-        miner, loss = build(miner_cls, **extra), build(loss_cls, **extra)
-    except ValueError as err:  # a component that names the distances it works with
-        pytest.skip(f"rejects a shared CosineSimilarity: {err}")
+    reason = expected_incompatible(miner_cls, loss_cls, "shared_cosine" if shared_distance else "default_distances")
+    if reason is not None:
+        with pytest.raises((ValueError, AssertionError)):
+            miner, loss = build(miner_cls, **extra), build(loss_cls, **extra)
+            check_step(loss, miner, *pk_batch(0), loss)
+        pytest.skip(f"expected: {miner_cls.__name__} + {loss_cls.__name__}: {reason}")
+    miner, loss = build(miner_cls, **extra), build(loss_cls, **extra)
     torch.manual_seed(0)
     for seed in range(3):
         emb, labels = pk_batch(seed)
@@ -110,12 +136,12 @@ def test_miner_loss_matrix(miner_cls: type, loss_cls: type, shared_distance: boo
 @pytest.mark.parametrize("loss_cls", LOSSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("miner_cls", MINERS, ids=lambda c: c.__name__)
 def test_miner_loss_matrix_with_memory(miner_cls: type, loss_cls: type) -> None:
-    loss = build(loss_cls)
-    if not getattr(loss, "supports_ref_emb", True):
-        pytest.skip(f"{loss_cls.__name__} takes no reference set")
-    miner = build(miner_cls)
-    if miner(*pk_batch(0)).mix is not None and not getattr(loss, "accepts_mix", False):
-        pytest.skip(f"{loss_cls.__name__} does not use the mixing spec that {miner_cls.__name__} returns")
+    loss, miner = build(loss_cls), build(miner_cls)
+    reason = expected_incompatible(miner_cls, loss_cls, "memory")
+    declared = not getattr(loss, "supports_ref_emb", True) or (miner(*pk_batch(0)).mix is not None and not getattr(loss, "accepts_mix", False))
+    assert declared == (reason is not None), f"{miner_cls.__name__} + {loss_cls.__name__} in a memory: declared incompatible {declared}, listed {reason!r}"
+    if reason is not None:
+        pytest.skip(f"expected: {miner_cls.__name__} + {loss_cls.__name__} in a memory: {reason}")
     memory = CrossBatchMemory(loss, embedding_size=DIM, memory_size=40, miner=miner)
 
     # A fresh memory holding only the query's own copy: nothing to compare with, so the loss is 0.

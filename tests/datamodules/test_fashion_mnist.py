@@ -8,6 +8,7 @@ import pytest
 from datamodules import FashionMNISTDataModule
 from datamodules.fashion_mnist import DEBIAN_ROOT
 from datamodules.idx import read_idx
+from tests.helpers import require_path
 
 
 def write_idx(path: Path, array: np.ndarray, truncate: int = 0) -> None:
@@ -66,8 +67,8 @@ def test_class_split_on_miniature(tmp_path):
     assert len(idx) == len(xe) and idx[0] == 0
 
 
-@pytest.mark.skipif(not Path(DEBIAN_ROOT).is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_debian_copy_has_the_official_sizes():
+    require_path(DEBIAN_ROOT, "Debian package dataset-fashion-mnist")
     dm = FashionMNISTDataModule()
     dm.setup()
     assert dm.split_sizes()["train"] == {"images": 30000, "classes": 5}

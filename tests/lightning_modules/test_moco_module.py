@@ -12,11 +12,10 @@ import torch.nn.functional as F
 
 from datamodules import DigitsDataModule
 from datamodules.two_view_datamodule import TwoViewDataModule
-from experiments.cli import main
 from lightning_modules.moco_module import MoCoModule
 from miners import MoCHi
 from tests.datamodules.miniature import write_jpeg
-from tests.helpers import TinyEncoder
+from tests.helpers import TinyEncoder, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,4 +100,5 @@ def test_mochi_recipe_on_a_miniature_image_folder(tmp_path, monkeypatch):
         f"--data.init_args.datamodule.init_args.root={tmp_path / 'data'}", "--data.init_args.datamodule.init_args.num_workers=0",
         "--data.init_args.datamodule.init_args.eval_batch_size=16",
     ]
-    assert main(argv) == 0
+    trainer = run_cli(argv)
+    assert trainer.global_step == 2  # fast_dev_run=2: both steps ran

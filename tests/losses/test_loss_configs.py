@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-jsonargparse = pytest.importorskip("jsonargparse")
+from tests.helpers import oracle
+
+jsonargparse = oracle("jsonargparse")
 
 import losses  # noqa: E402
 from losses import BaseLoss  # noqa: E402

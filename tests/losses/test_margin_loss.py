@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.helpers import random_batch
 import torch.nn.functional as F
 
-P = pytest.importorskip("pytorch_metric_learning.losses")
-PM = pytest.importorskip("pytorch_metric_learning.miners")
-PD = pytest.importorskip("pytorch_metric_learning.distances")
-lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
+from tests.helpers import oracle, random_batch
+
+P = oracle("pytorch_metric_learning.losses")
+PM = oracle("pytorch_metric_learning.miners")
+PD = oracle("pytorch_metric_learning.distances")
+lmu = oracle("pytorch_metric_learning.utils.loss_and_miner_utils")
 
 from losses import CosineSimilarity, LpDistance, MarginLoss  # noqa: E402
 from miners import DistanceWeightedMiner  # noqa: E402

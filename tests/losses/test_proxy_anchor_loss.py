@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-P = pytest.importorskip("pytorch_metric_learning.losses")
-PM = pytest.importorskip("pytorch_metric_learning.miners")
-PD = pytest.importorskip("pytorch_metric_learning.distances")
+from tests.helpers import oracle
+
+P = oracle("pytorch_metric_learning.losses")
+PM = oracle("pytorch_metric_learning.miners")
+PD = oracle("pytorch_metric_learning.distances")
 
 from losses import LpDistance, ProxyAnchorLoss  # noqa: E402
 from miners.mined import Mined  # noqa: E402

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-PL = pytest.importorskip("pytorch_metric_learning.losses")
-PM = pytest.importorskip("pytorch_metric_learning.miners")
-PD = pytest.importorskip("pytorch_metric_learning.distances")
+from tests.helpers import oracle
+
+PL = oracle("pytorch_metric_learning.losses")
+PM = oracle("pytorch_metric_learning.miners")
+PD = oracle("pytorch_metric_learning.distances")
 
 from losses import ContrastiveLoss, CosineSimilarity, TripletMarginLoss  # noqa: E402
 from miners import BatchHardMiner, CrossBatchMemory, MultiSimilarityMiner, PairMarginMiner, TripletMarginMiner  # noqa: E402

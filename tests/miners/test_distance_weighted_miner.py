@@ -15,9 +15,11 @@ from collections import Counter
 import pytest
 import torch
 
-PM = pytest.importorskip("pytorch_metric_learning.miners")
-lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
-stats = pytest.importorskip("scipy.stats")
+from tests.helpers import oracle
+
+PM = oracle("pytorch_metric_learning.miners")
+lmu = oracle("pytorch_metric_learning.utils.loss_and_miner_utils")
+stats = oracle("scipy.stats")
 
 from losses import CosineSimilarity, LpDistance  # noqa: E402
 from miners import DistanceWeightedMiner  # noqa: E402

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
+from tests.helpers import oracle
+
+lmu = oracle("pytorch_metric_learning.utils.loss_and_miner_utils")
 
 from miners import Mined  # noqa: E402
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-PM = pytest.importorskip("pytorch_metric_learning.miners")
-PD = pytest.importorskip("pytorch_metric_learning.distances")
+from tests.helpers import oracle
+
+PM = oracle("pytorch_metric_learning.miners")
+PD = oracle("pytorch_metric_learning.distances")
 
 from losses import CosineSimilarity, DotProductSimilarity, LpDistance  # noqa: E402
 from miners import (  # noqa: E402

@@ -8,6 +8,7 @@ import torch.nn as nn
 import yaml
 
 from models import TimmEncoder
+from tests.helpers import oracle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,7 +59,7 @@ def test_yaml_typos_are_rejected() -> None:
 
 
 def test_lightning_cli_builds_a_preset(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("lightning")
+    oracle("lightning")
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
