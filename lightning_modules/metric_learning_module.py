@@ -9,7 +9,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from losses.distances import BaseDistance
 from losses.gather import all_gather_no_grad, all_gather_with_grad
+from losses.shared_distance import check_distances, share_distance
 from miners.mined import Mined
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -44,6 +46,11 @@ class MetricLearningModule(L.LightningModule):
             (emb, state)`` replaces ``encoder(x)`` (it may keep features or images in ``state``), and
             ``mixer(encoder, state, emb, labels, loss) -> scalar`` is added to the loss, on this
             rank's rows (e.g. ``miners.Metrix``: mixup in input, feature or embedding space).
+        distance: the one distance of the run, handed to the miner, the loss and the mixer (and a
+            memory's inner miner and loss) in place of their defaults; a component given another
+            distance of its own is an error. ``None``: each keeps its own, and a disagreement that
+            changes what is mined is an error naming both (rules: ``losses.shared_distance``).
+        allow_distance_mismatch: keep disagreeing distances on purpose: a warning instead of the error.
 
     After each training step the module keeps the batch's embeddings ``last_emb [B, D]`` (detached;
     gathered across ranks like the miner sees them), ``last_labels [B]`` and ``last_mined`` (the
@@ -69,9 +76,14 @@ class MetricLearningModule(L.LightningModule):
         eval_ks: tuple[int, ...] = (1, 2, 4, 8),
         eval_nmi: bool = False,
         mixer: nn.Module | None = None,
+        distance: BaseDistance | None = None,
+        allow_distance_mismatch: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "loss", "miner", "optimizer", "scheduler", "mixer"])
+        self.save_hyperparameters(ignore=["encoder", "loss", "miner", "optimizer", "scheduler", "mixer", "distance"])
+        if distance is not None:
+            share_distance(distance, (miner, loss, mixer), allow_mismatch=allow_distance_mismatch)
+        check_distances((miner, loss, mixer), allow_mismatch=allow_distance_mismatch)
         self.encoder = encoder
         self.loss = loss
         self.miner = miner

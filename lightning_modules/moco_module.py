@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.metric_learning_module import MetricLearningModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from losses.distances import BaseDistance
 from losses.gather import all_gather_no_grad
 from miners.memory import CrossBatchMemory
 from miners.mined import Mined
@@ -46,7 +47,8 @@ class MoCoModule(MetricLearningModule):
         momentum: ``m`` of the key encoder (0.999).
         mixer: optional ``MoCHi`` (anything with ``mix_spec(q, queue, labels, queue_labels)`` and ``set_epoch``).
         supervised: use the batch's class labels to exclude same-label queue entries.
-        optimizer, scheduler, loss_lr, eval_distance, eval_ks, eval_nmi: as ``MetricLearningModule``.
+        optimizer, scheduler, loss_lr, eval_distance, eval_ks, eval_nmi, distance,
+        allow_distance_mismatch: as ``MetricLearningModule``.
     """
 
     def __init__(
@@ -63,6 +65,8 @@ class MoCoModule(MetricLearningModule):
         eval_distance: str = "cosine",
         eval_ks: tuple[int, ...] = (1, 2, 4, 8),
         eval_nmi: bool = False,
+        distance: BaseDistance | None = None,
+        allow_distance_mismatch: bool = False,
     ) -> None:
         if loss is None:
             from losses import NTXentLoss
@@ -71,6 +75,7 @@ class MoCoModule(MetricLearningModule):
         super().__init__(
             encoder=encoder, loss=loss, optimizer=optimizer, scheduler=scheduler, loss_lr=loss_lr, gather=False,
             eval_distance=eval_distance, eval_ks=eval_ks, eval_nmi=eval_nmi, mixer=mixer,
+            distance=distance, allow_distance_mismatch=allow_distance_mismatch,
         )
         embed_dim = getattr(encoder, "embed_dim", None)
         if not isinstance(embed_dim, int):

@@ -4,6 +4,11 @@ One class per file, named after the class. ``from losses import TripletMarginLos
 """
 
 from losses.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from losses.reducers import (
+    AvgNonZeroReducer, BaseReducer, DoNothingReducer, MeanReducer, MultipleReducers, PerAnchorReducer, SumReducer,
+    ThresholdReducer,
+)
+from losses.shared_distance import DistanceMismatchWarning, check_distances, share_distance
 from losses.base_loss import BaseLoss
 from losses.triplet_margin_loss import TripletMarginLoss
 from losses.contrastive_loss import ContrastiveLoss
@@ -18,5 +23,7 @@ from losses.margin_loss import MarginLoss
 __all__ = [
     "BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance", "BaseLoss", "TripletMarginLoss",
     "ContrastiveLoss", "MultiSimilarityLoss", "NTXentLoss", "SupConLoss", "ProxyAnchorLoss", "CircleLoss",
-    "DebiasedContrastiveLoss", "MarginLoss",
+    "DebiasedContrastiveLoss", "MarginLoss", "BaseReducer", "MeanReducer", "SumReducer", "AvgNonZeroReducer",
+    "ThresholdReducer", "PerAnchorReducer", "DoNothingReducer", "MultipleReducers", "DistanceMismatchWarning",
+    "check_distances", "share_distance",
 ]

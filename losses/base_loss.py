@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from losses.distances import BaseDistance, LpDistance
 from losses.mixing import append_mix_pairs
+from losses.reducers import BaseReducer, LossPart, reduce_parts
 from miners.mined import Mined
 from miners.tuples import Inputs, resolve_inputs
 
@@ -26,16 +27,35 @@ class BaseLoss(nn.Module):
         supports_ref_emb: False for losses that cannot use a separate reference set (proxies).
         accepts_mix: True for losses that use the synthetic points of ``Mined.mix`` (see ``apply_mix``).
 
+    Reduction (``losses.reducers``): ``reducer=None`` reduces as the loss's pytorch-metric-learning
+    counterpart does by default, on the loss's own fused path. A reducer (``MeanReducer``,
+    ``AvgNonZeroReducer``, ``ThresholdReducer(low, high)``, ``PerAnchorReducer``, ``SumReducer``,
+    ``DoNothingReducer``, ``MultipleReducers``) is applied to the per-tuple losses the subclass
+    lists in ``tuple_losses`` (PML's ``loss_dict``); a loss that does not implement it refuses a reducer.
+
     Args:
-        distance: shared with the miner; ``default_distance()`` when omitted.
+        distance: shared with the miner; ``default_distance()`` when omitted (``distance_given``
+            records which, so that ``MetricLearningModule(distance=...)`` replaces defaults only).
+        reducer: how per-tuple losses become a scalar; ``None``: the loss's default (see its docstring).
     """
 
     supports_ref_emb: bool = True
     accepts_mix: bool = False
 
-    def __init__(self, distance: BaseDistance | None = None) -> None:
+    def __init__(self, distance: BaseDistance | None = None, reducer: BaseReducer | None = None) -> None:
         super().__init__()
+        self.distance_given = distance is not None
         self.distance = distance if distance is not None else self.default_distance()
+        self.check_distance(self.distance)
+        if reducer is not None and type(self).tuple_losses is BaseLoss.tuple_losses:
+            raise ValueError(
+                f"{type(self).__name__} does not take a reducer: its reduction is fixed (see its docstring); "
+                f"reducers work with losses that list per-tuple losses (BaseLoss.tuple_losses)"
+            )
+        self.reducer = reducer
+
+    def check_distance(self, distance: BaseDistance) -> None:
+        """Raise ``ValueError`` if this loss cannot work with ``distance`` (default: any distance works)."""
 
     def default_distance(self) -> BaseDistance:
         return LpDistance(normalize_embeddings=True)
@@ -62,10 +82,21 @@ class BaseLoss(nn.Module):
                         f"pair this miner with a loss that sets accepts_mix = True"
                     )
                 inputs, mined = self.apply_mix(inputs, mined)
+        compute = self.compute_loss if self.reducer is None else self._reduced_loss
         if mined is not None and mined.matrices:
             with self.distance.reusing(mined.matrices):
-                return self.compute_loss(inputs, mined)
-        return self.compute_loss(inputs, mined)
+                return compute(inputs, mined)
+        return compute(inputs, mined)
+
+    def _reduced_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor | dict:
+        parts = self.tuple_losses(inputs, mined)
+        out = reduce_parts(self.reducer, parts, len(inputs.emb), len(inputs.ref_emb), self.zero_loss(inputs))
+        return out if isinstance(out, dict) else out.to(inputs.emb.dtype)
+
+    def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
+        """The per-tuple losses a reducer reduces, by part name (PML's sub-loss names: ``"loss"``,
+        ``"pos_loss"``/``"neg_loss"``), weights already applied. Only called when a reducer is given."""
+        raise NotImplementedError
 
     def apply_mix(self, inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:
         """Hand the synthetic points of ``mined.mix`` to ``compute_loss`` (only for ``accepts_mix`` losses).

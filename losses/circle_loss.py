@@ -9,7 +9,7 @@ from torch import Tensor
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
 from losses.pair_matrix import any_mined, check_disjoint, is_mined, mined_pair_matrices, weighted_logsumexp, work_dtype
-from losses.reducers import mean_nonzero
+from losses.reducers import BaseReducer, LossPart, mean_nonzero
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -37,24 +37,39 @@ class CircleLoss(BaseLoss):
         m: the relaxation margin.
         gamma: the scale factor.
         distance: must be ``CosineSimilarity`` (the optima ``O_p``, ``O_n`` assume similarities in [-1, 1]).
+        reducer: default (``None``) ``AvgNonZeroReducer`` semantics as above; any ``losses.reducers``
+            reducer sees the ``[B]`` row losses ``L_a`` as one ``"element"`` part named ``"loss"``.
     """
 
-    def __init__(self, m: float = 0.4, gamma: float = 80.0, distance: BaseDistance | None = None) -> None:
-        super().__init__(distance=distance)
-        if not isinstance(self.distance, CosineSimilarity):
-            raise ValueError(f"CircleLoss needs distance=CosineSimilarity(); got {type(self.distance).__name__}")
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, distance: BaseDistance | None = None, reducer: BaseReducer | None = None) -> None:
+        super().__init__(distance=distance, reducer=reducer)
         self.m = m
         self.gamma = gamma
 
     def default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
+    def check_distance(self, distance: BaseDistance) -> None:
+        if not isinstance(distance, CosineSimilarity):
+            raise ValueError(f"CircleLoss needs distance=CosineSimilarity(); got {type(distance).__name__}")
+
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        zero = self.zero_loss(inputs)
+        rows = self._row_losses(inputs, mined)
+        return self.zero_loss(inputs) if rows is None else mean_nonzero(rows, self.zero_loss(inputs)).to(inputs.emb.dtype)
+
+    def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
+        """The ``[B]`` row losses ``L_a``: PML's ``"element"`` reduction type."""
+        rows = self._row_losses(inputs, mined)
+        if rows is None:
+            rows = inputs.emb.new_zeros(0)
+        return {"loss": LossPart(rows, torch.arange(len(rows), device=rows.device), "element")}
+
+    def _row_losses(self, inputs: Inputs, mined: Mined | None) -> Tensor | None:
+        """``L_a`` for every query row ``[B]`` (work dtype); None without a positive or a negative pair."""
         dtype = work_dtype(inputs.emb.dtype)
         pos_w, neg_w = mined_pair_matrices(inputs, mined, dtype)
         if not any_mined(pos_w) or not any_mined(neg_w):
-            return zero
+            return None
         check_disjoint(pos_w, neg_w, type(self).__name__)
         sim = self.distance(inputs.emb, inputs.ref_emb).to(dtype)
         alpha_p = F.relu(1 + self.m - sim.detach())
@@ -63,5 +78,4 @@ class CircleLoss(BaseLoss):
         lse_n = weighted_logsumexp(self.gamma * alpha_n * (sim - self.m), neg_w)
         valid = is_mined(pos_w).any(dim=1) & is_mined(neg_w).any(dim=1)
         total = torch.where(valid, lse_p + lse_n, torch.zeros_like(lse_p))
-        losses = torch.where(valid, F.softplus(total), torch.zeros_like(total))
-        return mean_nonzero(losses, zero).to(inputs.emb.dtype)
+        return torch.where(valid, F.softplus(total), torch.zeros_like(total))

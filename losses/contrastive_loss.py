@@ -8,7 +8,7 @@ from torch import Tensor
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance
 from losses.pair_matrix import any_mined, few_tuples, listed_distances, mined_pair_matrices, mined_pairs, work_dtype
-from losses.reducers import mean_nonzero, weighted
+from losses.reducers import BaseReducer, LossPart, mean_nonzero, weighted
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -34,6 +34,9 @@ class ContrastiveLoss(BaseLoss):
         pos_margin: positives closer than this (a distance) cost nothing.
         neg_margin: negatives farther than this cost nothing.
         distance: default ``LpDistance(normalize_embeddings=True)``.
+        reducer: default (``None``) ``AvgNonZeroReducer`` semantics as above; any ``losses.reducers``
+            reducer sees the parts ``"pos_loss"`` (``"pos_pair"``) and ``"neg_loss"`` (``"neg_pair"``),
+            reduced separately and summed, as PML's ``ContrastiveLoss``.
 
     Synthetic points (``Mined.mix``) join as pairs weighted by their soft label ``w`` and ``1 - w``
     (``BaseLoss.apply_mix``): the Metrix form ``w [d(a, m) - pos_margin]_+ + (1 - w) [neg_margin - d(a, m)]_+``
@@ -42,8 +45,14 @@ class ContrastiveLoss(BaseLoss):
 
     accepts_mix = True
 
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, distance: BaseDistance | None = None) -> None:
-        super().__init__(distance=distance)
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        distance: BaseDistance | None = None,
+        reducer: BaseReducer | None = None,
+    ) -> None:
+        super().__init__(distance=distance, reducer=reducer)
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
 
@@ -70,3 +79,14 @@ class ContrastiveLoss(BaseLoss):
         neg = F.relu(self.distance.margin(self.neg_margin, an.to(work)))
         loss = mean_nonzero(weighted(pos, pos_w), zero) + mean_nonzero(weighted(neg, neg_w), zero)
         return loss.to(inputs.emb.dtype)
+
+    def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
+        """One hinge per listed pair (masks listed), weighted: PML's ``"pos_pair"`` and ``"neg_pair"`` parts."""
+        a1, p, a2, n, pw, nw = mined_pairs(inputs, mined)
+        mat = self.distance(inputs.emb, inputs.ref_emb)
+        pos = F.relu(self.distance.margin(mat[a1, p], self.pos_margin))
+        neg = F.relu(self.distance.margin(self.neg_margin, mat[a2, n]))
+        return {
+            "pos_loss": LossPart(weighted(pos, pw), (a1, p), "pos_pair"),
+            "neg_loss": LossPart(weighted(neg, nw), (a2, n), "neg_pair"),
+        }

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
 from losses.pair_matrix import any_mined, check_disjoint, log1p_sum, mined_pair_matrices, weighted_logsumexp, work_dtype
+from losses.reducers import BaseReducer, LossPart
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -34,6 +36,8 @@ class MultiSimilarityLoss(BaseLoss):
         beta: scale of the negative terms.
         base: the similarity offset ``lambda`` of Eq. 12.
         distance: default ``CosineSimilarity()``.
+        reducer: default (``None``) ``MeanReducer`` semantics as above; any ``losses.reducers``
+            reducer sees the ``[B]`` row losses ``L_a`` as one ``"element"`` part named ``"loss"``.
 
     Synthetic points (``Mined.mix``) join as pairs weighted by their soft label ``w`` and ``1 - w``
     (``BaseLoss.apply_mix``): ``w`` multiplies their positive exponential, ``1 - w`` their negative
@@ -42,8 +46,15 @@ class MultiSimilarityLoss(BaseLoss):
 
     accepts_mix = True
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, distance: BaseDistance | None = None) -> None:
-        super().__init__(distance=distance)
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        distance: BaseDistance | None = None,
+        reducer: BaseReducer | None = None,
+    ) -> None:
+        super().__init__(distance=distance, reducer=reducer)
         self.alpha = alpha
         self.beta = beta
         self.base = base
@@ -52,9 +63,21 @@ class MultiSimilarityLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
+        rows = self._row_losses(inputs, mined)
+        return self.zero_loss(inputs) if rows is None else rows.mean().to(inputs.emb.dtype)
+
+    def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
+        """The ``[B]`` row losses ``L_a``: PML's ``"element"`` reduction type."""
+        rows = self._row_losses(inputs, mined)
+        if rows is None:
+            rows = inputs.emb.new_zeros(0)
+        return {"loss": LossPart(rows, torch.arange(len(rows), device=rows.device), "element")}
+
+    def _row_losses(self, inputs: Inputs, mined: Mined | None) -> Tensor | None:
+        """``L_a`` for every query row ``[B]`` (work dtype); None when nothing is mined."""
         pos_w, neg_w = mined_pair_matrices(inputs, mined, work_dtype(inputs.emb.dtype))
         if not (any_mined(pos_w) or any_mined(neg_w)):
-            return self.zero_loss(inputs)
+            return None
         check_disjoint(pos_w, neg_w, type(self).__name__)
         mat = self.distance(inputs.emb, inputs.ref_emb)
         mat = mat.to(work_dtype(mat.dtype))
@@ -62,5 +85,5 @@ class MultiSimilarityLoss(BaseLoss):
         sign = -1.0 if self.distance.is_inverted else 1.0
         pos = log1p_sum(weighted_logsumexp(mat, pos_w, scale=sign * self.alpha, offset=-sign * self.alpha * self.base)) / self.alpha
         neg = log1p_sum(weighted_logsumexp(mat, neg_w, scale=-sign * self.beta, offset=sign * self.beta * self.base)) / self.beta
-        return (pos + neg).mean().to(inputs.emb.dtype)
+        return pos + neg
 

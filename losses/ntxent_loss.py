@@ -8,6 +8,7 @@ from torch import Tensor
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
 from losses.pair_matrix import any_mined, softmax_pairs, weighted_logsumexp, work_dtype
+from losses.reducers import BaseReducer, LossPart
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -38,6 +39,8 @@ class NTXentLoss(BaseLoss):
     Args:
         temperature: the softmax temperature ``t``.
         distance: default ``CosineSimilarity()``.
+        reducer: default (``None``) ``MeanReducer`` semantics as above; any ``losses.reducers``
+            reducer sees one ``"pos_pair"`` part named ``"loss"`` (one term per positive pair).
 
     Synthetic points (``Mined.mix``, ``BaseLoss.apply_mix``): a point with soft label 0 is one more
     negative in its anchor's denominator, as MoCHi's synthetic hard negatives (Kalantidis et al.,
@@ -46,8 +49,8 @@ class NTXentLoss(BaseLoss):
 
     accepts_mix = True
 
-    def __init__(self, temperature: float = 0.07, distance: BaseDistance | None = None) -> None:
-        super().__init__(distance=distance)
+    def __init__(self, temperature: float = 0.07, distance: BaseDistance | None = None, reducer: BaseReducer | None = None) -> None:
+        super().__init__(distance=distance, reducer=reducer)
         if temperature <= 0:
             raise ValueError(f"NTXentLoss: temperature must be > 0, got {temperature}")
         self.temperature = temperature
@@ -56,10 +59,23 @@ class NTXentLoss(BaseLoss):
         return CosineSimilarity()
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
+        part = self._pair_losses(inputs, mined)
+        return self.zero_loss(inputs) if part is None else part.losses.mean().to(inputs.emb.dtype)
+
+    def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
+        """One term per positive pair: PML's ``"pos_pair"`` reduction type."""
+        part = self._pair_losses(inputs, mined)
+        if part is None:
+            empty = torch.empty(0, dtype=torch.long, device=inputs.emb.device)
+            part = LossPart(inputs.emb.new_zeros(0), (empty, empty), "pos_pair")
+        return {"loss": part}
+
+    def _pair_losses(self, inputs: Inputs, mined: Mined | None) -> LossPart | None:
+        """``l(a, p)`` of every positive pair, weighted (work dtype); None without a positive or a negative."""
         dtype = work_dtype(inputs.emb.dtype)
         a1, p, pw, _, neg_w = softmax_pairs(inputs, mined, dtype, dense_positives=False)
         if len(a1) == 0 or not any_mined(neg_w):
-            return self.zero_loss(inputs)
+            return None
         mat = self.distance(inputs.emb, inputs.ref_emb).to(dtype)
         scale = (1.0 if self.distance.is_inverted else -1.0) / self.temperature  # logits s / t
         neg_lse = weighted_logsumexp(mat, neg_w, scale=scale)[a1]
@@ -67,4 +83,4 @@ class NTXentLoss(BaseLoss):
         losses = torch.logaddexp(pos, neg_lse) - pos
         if pw is not None:
             losses = losses * pw.to(losses.dtype)
-        return losses.mean().to(inputs.emb.dtype)
+        return LossPart(losses, (a1, p), "pos_pair")

@@ -8,7 +8,7 @@ from torch import Tensor
 from losses.base_loss import BaseLoss
 from losses.distances import BaseDistance, CosineSimilarity
 from losses.pair_matrix import any_mined, check_disjoint, is_mined, mined_pair_matrices, weighted_logsumexp, work_dtype
-from losses.reducers import mean_nonzero
+from losses.reducers import BaseReducer, LossPart, mean_nonzero
 from miners.mined import Mined
 from miners.tuples import Inputs
 
@@ -36,10 +36,12 @@ class SupConLoss(BaseLoss):
     Args:
         temperature: the softmax temperature ``t``.
         distance: default ``CosineSimilarity()``.
+        reducer: default (``None``) ``AvgNonZeroReducer`` semantics as above; any ``losses.reducers``
+            reducer sees the ``[B]`` row losses ``L_a`` as one ``"element"`` part named ``"loss"``.
     """
 
-    def __init__(self, temperature: float = 0.1, distance: BaseDistance | None = None) -> None:
-        super().__init__(distance=distance)
+    def __init__(self, temperature: float = 0.1, distance: BaseDistance | None = None, reducer: BaseReducer | None = None) -> None:
+        super().__init__(distance=distance, reducer=reducer)
         if temperature <= 0:
             raise ValueError(f"SupConLoss: temperature must be > 0, got {temperature}")
         self.temperature = temperature
@@ -52,11 +54,22 @@ class SupConLoss(BaseLoss):
         return (1.0 if self.distance.is_inverted else -1.0) / self.temperature
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
-        zero = self.zero_loss(inputs)
+        rows = self._row_losses(inputs, mined)
+        return self.zero_loss(inputs) if rows is None else mean_nonzero(rows, self.zero_loss(inputs)).to(inputs.emb.dtype)
+
+    def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
+        """The ``[B]`` row losses ``L_a``: PML's ``"element"`` reduction type."""
+        rows = self._row_losses(inputs, mined)
+        if rows is None:
+            rows = inputs.emb.new_zeros(0)
+        return {"loss": LossPart(rows, torch.arange(len(rows), device=rows.device), "element")}
+
+    def _row_losses(self, inputs: Inputs, mined: Mined | None) -> Tensor | None:
+        """``L_a`` for every query row ``[B]`` (work dtype); None without a positive or a negative pair."""
         dtype = work_dtype(inputs.emb.dtype)
         pos_w, neg_w = mined_pair_matrices(inputs, mined, dtype)
         if not any_mined(pos_w) or not any_mined(neg_w):
-            return zero
+            return None
         check_disjoint(pos_w, neg_w, type(self).__name__)
         mat = self.distance(inputs.emb, inputs.ref_emb).to(dtype)
         is_pos = is_mined(pos_w)
@@ -67,5 +80,4 @@ class SupConLoss(BaseLoss):
         count = is_pos.sum(dim=1)
         log_z = torch.where(count > 0, log_z, torch.zeros_like(log_z))
         log_prob_sum = (pos_w * mat).sum(dim=1) * self._logit_scale() - pos_w.sum(dim=1) * log_z
-        losses = -log_prob_sum / count.clamp(min=1).to(dtype)
-        return mean_nonzero(losses, zero).to(inputs.emb.dtype)
+        return -log_prob_sum / count.clamp(min=1).to(dtype)

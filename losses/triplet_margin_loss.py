@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from losses.base_loss import BaseLoss
+from losses.distances import BaseDistance
 from losses.pair_matrix import any_mined, check_weights, few_tuples, listed_distances, work_dtype
-from losses.reducers import mean_nonzero, weighted
+from losses.reducers import BaseReducer, LossPart, mean_nonzero, weighted
 from miners.mined import Mined
 from miners.tuples import Inputs, all_triplets
 
@@ -27,10 +28,19 @@ class TripletMarginLoss(BaseLoss):
         margin: the desired gap between the positive and negative distance.
         swap: use ``min(d(a, n), d(p, n))`` as the negative distance (Balntas et al. 2016).
         smooth_loss: softplus instead of the hinge.
+        reducer: default (``None``) ``AvgNonZeroReducer`` semantics as above; any ``losses.reducers``
+            reducer sees one ``"triplet"`` part named ``"loss"`` (PML's ``TripletMarginLoss``).
     """
 
-    def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False, distance=None) -> None:
-        super().__init__(distance=distance)
+    def __init__(
+        self,
+        margin: float = 0.05,
+        swap: bool = False,
+        smooth_loss: bool = False,
+        distance: BaseDistance | None = None,
+        reducer: BaseReducer | None = None,
+    ) -> None:
+        super().__init__(distance=distance, reducer=reducer)
         self.margin = margin
         self.swap = swap
         self.smooth_loss = smooth_loss
@@ -58,6 +68,21 @@ class TripletMarginLoss(BaseLoss):
         violation = self.distance.margin(ap, an) + self.margin
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         return mean_nonzero(weighted(losses, w), self.zero_loss(inputs))
+
+    def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
+        """One loss per listed triplet (dense forms listed), weighted: PML's ``"triplet"`` reduction type."""
+        if mined is None:
+            mined = all_triplets(inputs.labels, inputs.ref_labels, inputs.same_set)
+        a, p, n, w = mined.as_triplets()
+        check_weights(w, "triplet_weights")
+        mat = self.distance(inputs.emb, inputs.ref_emb)
+        ap, an = mat[a, p], mat[a, n]
+        if self.swap:
+            pn = self.distance.pairwise(inputs.ref_emb[p], inputs.ref_emb[n])
+            an = self.distance.closest(torch.stack([an, pn]), dim=0)[0]
+        violation = self.distance.margin(ap, an) + self.margin
+        losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
+        return {"loss": LossPart(weighted(losses, w), (a, p, n), "triplet")}
 
     def _masked_loss(self, inputs: Inputs, positives: Tensor, mask: Tensor) -> Tensor:
         """The loss of triplets in dense form (``Mined.triplet_mask``) as broadcasts over the distance matrix.

@@ -24,11 +24,25 @@ class BaseMiner(nn.Module):
     Args:
         distance: the distance shared with the loss; ``default_distance()`` when omitted
             (``LpDistance(normalize_embeddings=True)``, as in pytorch-metric-learning).
+            ``distance_given`` records which, so ``MetricLearningModule(distance=...)`` replaces defaults only.
+
+    ``ranking_only``: True for a miner whose picks depend only on comparisons between entries of
+    the distance matrix (no threshold, margin or sampling on its values): any distance that ranks
+    pairs in the same order mines the same tuples (``losses.shared_distance``).
     """
+
+    ranking_only: bool = False
+
+    produces_mix: bool = False  # True: ``mine`` may return ``Mined.mix`` (the loss must set ``accepts_mix``)
 
     def __init__(self, distance: BaseDistance | None = None) -> None:
         super().__init__()
+        self.distance_given = distance is not None
         self.distance = distance if distance is not None else self.default_distance()
+        self.check_distance(self.distance)
+
+    def check_distance(self, distance: BaseDistance) -> None:
+        """Raise ``ValueError`` if this miner cannot work with ``distance`` (default: any distance works)."""
 
     def default_distance(self) -> BaseDistance:
         return LpDistance(normalize_embeddings=True)

@@ -67,6 +67,10 @@ class BatchEasyHardMiner(BaseMiner):
         self.allowed_pos_range = None if allowed_pos_range is None else tuple(allowed_pos_range)
         self.allowed_neg_range = None if allowed_neg_range is None else tuple(allowed_neg_range)
 
+    @property
+    def ranking_only(self) -> bool:  # choices by comparison, unless value ranges are given
+        return self.allowed_pos_range is None and self.allowed_neg_range is None
+
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
         pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)

@@ -21,6 +21,8 @@ class BatchHardMiner(BaseMiner):
     Cost: one ``B x M`` matrix and two masked row reductions.
     """
 
+    ranking_only = True  # arg-max / arg-min per row
+
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
         not_pos, not_neg = outside_masks(inputs.labels, inputs.ref_labels, inputs.same_set, mat.dtype)

@@ -41,16 +41,16 @@ class DistanceWeightedMiner(BaseMiner):
 
     def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4, distance: Optional[BaseDistance] = None) -> None:
         super().__init__(distance=distance)
-        d = self.distance
-        if not (type(d) is LpDistance and d.p == 2 and d.power == 1 and d.normalize_embeddings):
-            raise ValueError(
-                f"DistanceWeightedMiner needs LpDistance(p=2, power=1, normalize_embeddings=True); got {self.distance!r}"
-            )
         self.cutoff = float(cutoff)
         self.nonzero_loss_cutoff = float(nonzero_loss_cutoff)
 
     def default_distance(self) -> BaseDistance:
         return LpDistance(normalize_embeddings=True)
+
+    def check_distance(self, distance: BaseDistance) -> None:
+        d = distance
+        if not (type(d) is LpDistance and d.p == 2 and d.power == 1 and d.normalize_embeddings):
+            raise ValueError(f"DistanceWeightedMiner needs LpDistance(p=2, power=1, normalize_embeddings=True); got {d!r}")
 
     def negative_probabilities(
         self, emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None

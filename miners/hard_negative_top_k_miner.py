@@ -45,6 +45,10 @@ class HardNegativeTopKMiner(BaseMiner):
         self.k = int(k)
         self.margin = margin
 
+    @property
+    def ranking_only(self) -> bool:  # top-k per row, unless the margin filter thresholds values
+        return self.margin is None
+
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
         pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)

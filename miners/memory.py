@@ -55,6 +55,8 @@ class CrossBatchMemory(nn.Module):
         gather: under DDP, gather the batch from all ranks before enqueueing (see above).
     """
 
+    supplies_ref_emb = True  # read by the pre-flight check (experiments.preflight): loss.supports_ref_emb
+
     def __init__(
         self,
         loss: nn.Module,

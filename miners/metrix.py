@@ -56,7 +56,9 @@ class Metrix(nn.Module):
     """
 
     MODES = ("input", "feature", "embedding")
+    produces_mix = True  # read by the pre-flight check (experiments.preflight): the loss must accept_mix
     PAIRS = ("alternate", "pos_neg", "anchor_neg")
+    ranking_only = True  # its distance only ranks negatives by hardness (losses.shared_distance)
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class Metrix(nn.Module):
         self.mode, self.w, self.alpha, self.pairs = mode, float(w), float(alpha), pairs
         self.negatives = negatives if negatives is not None else (1 if mode == "input" else None)
         self.miner = miner
+        self.distance_given = distance is not None
         self.distance = distance if distance is not None else LpDistance(normalize_embeddings=True)
 
     # ------------------------------------------------------------------------------- hooks

@@ -281,6 +281,14 @@ class Mined:
             return tuple(self.as_triplets()[:3])
         return tuple(self.as_pairs()[:4])
 
+    def __iter__(self):
+        """Unpacks like pytorch-metric-learning's ``indices_tuple``: ``a, p, n = miner(emb, labels)`` for a
+        triplet miner, ``a1, p, a2, n = ...`` for a pair miner (``to_tuple``; dense forms are listed).
+
+        ``len(mined)`` stays the number of tuples, not 3 or 4: hand ``mined.to_tuple()`` to code that
+        calls ``len`` on an indices tuple (pytorch-metric-learning's own losses do)."""
+        return iter(self.to_tuple())
+
     def __len__(self) -> int:
         """Number of tuples: triplets if present, else positive plus negative pairs."""
         if self.triplet_mask is not None:

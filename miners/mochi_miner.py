@@ -26,6 +26,10 @@ class MoCHiMiner(BaseMiner):
             miner interface.
     """
 
+    produces_mix = True  # read by the pre-flight check (experiments.preflight): the loss must accept_mix
+
+    ranking_only = True  # ignores its distance altogether (losses.shared_distance)
+
     def __init__(self, mochi: MoCHi | None = None, distance: BaseDistance | None = None) -> None:
         super().__init__(distance=distance)
         self.mochi = mochi if mochi is not None else MoCHi()
