@@ -7,6 +7,10 @@ cell with ``--cpus-per-run`` / ``--gpus-per-run`` Ray resources. Ray is a local 
 project and the output folder at the same paths, e.g. a shared file system: nothing is uploaded).
 Resuming is ours, not Tune's: rerunning the same command recomputes what is left from the cell
 folders, so it works after any crash, also one that left Tune's own state torn.
+
+The untrained-encoder baseline (``GridSpec.baseline_cells``: ``hardneg test`` once per seed by
+default) runs as jobs of the same search, listed first, so it is measured once for the whole grid
+rather than at the start of every cell, and is done, locked and resumed like a cell.
 """
 
 from __future__ import annotations
@@ -45,12 +49,15 @@ def describe(spec: GridSpec) -> str:
     axes = " x ".join(f"{len(v)} {a}" for a, v in spec.axes.items()) or "no axes"
     product = math.prod(len(v) for v in spec.axes.values())
     excluded = f" - {product - n_combos} excluded" if product != n_combos else ""
-    return f"grid {spec.name}: {n_combos * len(spec.seeds)} cells = ({axes}{excluded}) x {len(spec.seeds)} seeds -> {spec.output}"
+    n_baseline = len(spec.baseline_cells())
+    per = " per ".join(["seed", *(spec.baseline or ())][::-1]) if spec.baseline else "seed"
+    baseline = f" + {n_baseline} untrained-baseline evaluation{'s' if n_baseline != 1 else ''} (one per {per})" if n_baseline else ""
+    return f"grid {spec.name}: {n_combos * len(spec.seeds)} cells = ({axes}{excluded}) x {len(spec.seeds)} seeds{baseline} -> {spec.output}"
 
 
 def dry_run(spec: GridSpec) -> int:
     print(describe(spec))
-    for i, cell in enumerate(spec.cells(), 1):
+    for i, cell in enumerate(spec.jobs(), 1):
         print(f"{i:4d}  {cell.state():<9}  {cell.id}")
         print(f"      hardneg {' '.join(cell.fit_argv(cell.can_resume()))}")
     return 0
@@ -65,7 +72,7 @@ def _trial_dirname(trial) -> str:
 
 
 def run(spec: GridSpec, args: argparse.Namespace) -> int:
-    cells = spec.cells()
+    cells = spec.jobs()  # the baseline jobs first: the cells' reference, and cheap
     changed = [c for c in cells if c.recorded_entries() not in (None, list(c.entries))]
     if changed:
         names = "\n  ".join(f"{c.id}: was {c.recorded_entries()}" for c in changed[:5])
@@ -80,7 +87,11 @@ def run(spec: GridSpec, args: argparse.Namespace) -> int:
     shutil.copyfile(spec.source, spec.output / "grid.yaml")
     pending = [c for c in cells if not c.is_finished()]
     resumable = sum(c.can_resume() for c in pending)
-    print(f"{describe(spec)}\n{len(cells) - len(pending)} finished, {resumable} to resume, {len(pending) - resumable} to start", flush=True)
+    trained = [c for c in pending if not c.is_baseline]  # the counts are of training cells; baselines apart
+    baselines = spec.baseline_cells()
+    todo = len(pending) - len(trained)
+    baseline = f"; untrained baseline: {len(baselines) - todo}/{len(baselines)} done" if baselines else ""
+    print(f"{describe(spec)}\n{len(cells) - len(baselines) - len(trained)} finished, {resumable} to resume, {len(trained) - resumable} to start{baseline}", flush=True)
     if not pending:
         print(f"nothing to run; the table: hardneg report {spec.output}")
         return 0
@@ -143,7 +154,10 @@ def run(spec: GridSpec, args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     unfinished = [c for c in cells if not c.is_finished()]
-    print(f"grid {spec.name}: {len(cells) - len(unfinished)}/{len(cells)} cells finished; this run took {format_seconds(elapsed)}")
+    left = sum(not c.is_baseline for c in unfinished)
+    baseline = f", {len(baselines) - (len(unfinished) - left)}/{len(baselines)} baseline evaluations" if baselines else ""
+    n_cells = len(cells) - len(baselines)
+    print(f"grid {spec.name}: {n_cells - left}/{n_cells} cells finished{baseline}; this run took {format_seconds(elapsed)}")
     if unfinished:
         print(f"not finished: {', '.join(c.id for c in unfinished)}\nrerun the same command to resume them", file=sys.stderr)
         return 1

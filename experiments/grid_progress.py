@@ -107,7 +107,7 @@ class GridProgress(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self.running.pop(trial.trial_id, None)
         seconds = time.monotonic() - run["start"] if run else None
-        if seconds is not None:
+        if seconds is not None and trial.config["cell"].get("kind") != "baseline":  # a test run says little of a cell's time
             self.durations.append(seconds)
         self.done += 1
         value = (trial.last_result or {}).get(self.metric)
@@ -124,7 +124,9 @@ class GridProgress(tune.Callback):
             why = "its Ray worker died or the cell could not start"
         else:
             why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        self.echo(f"{self._head()} FAILED {cell.id} ({why}); see {cell.folder / 'stdout.log'} | {self._tail()}")
+        error = cell.last_error() if code is not None and code > 0 else None
+        quoted = f": {error}" if error else ""
+        self.echo(f"{self._head()} FAILED {cell.id} ({why}){quoted}; see {cell.folder / 'stdout.log'} | {self._tail()}")
 
 
 def format_progress(fraction: float | None, stage: str | None = None) -> str:

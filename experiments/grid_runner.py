@@ -36,7 +36,7 @@ from typing import Any
 
 from experiments.atomic import atomic_write_json
 from experiments.grid_cell import Cell
-from experiments.run_folder import final_metrics
+from experiments.run_folder import final_metrics, last_logged, read_metrics_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +106,24 @@ def read_progress(cell: Cell) -> dict[str, Any]:
     return {"progress": min(1.0, data["step"] / total) if total else None, "stage": data.get("stage")}
 
 
+def baseline_metrics(folder: str | Path) -> dict[str, Any]:
+    """The untrained model's metrics from a finished baseline job (``hardneg test``): its
+    ``results.json`` (``UntrainedBaseline``: test and validation metrics), else the ``test/*``
+    metrics of its newest ``test-*/metrics.csv``.
+    Returns ``{"metrics": {...}, "metrics_val": {...} | None, "source": str}``."""
+    folder = Path(folder)
+    results = folder / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text())
+        if data.get("before_training"):
+            return {"metrics": data["before_training"], "metrics_val": data.get("val_before_training"), "source": "results.json (test, untrained)"}
+    logs = sorted(folder.glob("test-*/metrics.csv"))
+    logged = last_logged(read_metrics_csv(logs[-1]), "test") if logs else {}
+    if not logged:
+        raise FileNotFoundError(f"baseline {folder} has neither results.json nor test/* metrics in test-*/metrics.csv")
+    return {"metrics": logged, "metrics_val": None, "source": "metrics.csv (test, untrained)"}
+
+
 def run_cell(
     cell: Cell,
     cwd: str | Path,
@@ -123,7 +141,8 @@ def run_cell(
         threads: CPU threads of the child (``OMP_NUM_THREADS``); ``None`` leaves the environment.
         on_progress: called every ``poll_s`` seconds with ``read_progress(cell)``.
 
-    Returns the content of ``done.json``. Raises ``CellFailed`` if the child fails.
+    Returns the content of ``done.json``. Raises ``CellFailed`` if the child fails, quoting the
+    error line of its output.
     """
     cwd = Path(cwd)
     cell.folder.mkdir(parents=True, exist_ok=True)
@@ -163,12 +182,14 @@ def run_cell(
         atomic_write_json(cell.folder / "attempts.json", attempts)
         if code != 0:
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            raise CellFailed(f"cell {cell.id}: hardneg fit {how}; its output is in {cell.folder / 'stdout.log'}")
+            error = cell.last_error() if code > 0 else None
+            raise CellFailed(f"cell {cell.id}: hardneg {argv[0]} {how}{f' ({error})' if error else ''}; its output is in {cell.folder / 'stdout.log'}")
         result = {
             "id": cell.id,
+            "kind": cell.kind,
             "labels": [[axis, label] for axis, label in cell.labels.items()],
             "seed": cell.seed,
-            **final_metrics(cell.folder),
+            **(baseline_metrics(cell.folder) if cell.is_baseline else final_metrics(cell.folder)),
             "attempts": len(attempts),
             "seconds": attempt["seconds"],
             "cpu_seconds": attempt["cpu_seconds"],

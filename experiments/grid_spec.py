@@ -19,6 +19,7 @@ A grid file::
     exclude:                           # drop every cell that matches all keys of a rule
       - {miner: ms, loss: triplet_margin}
     overrides: [trainer.enable_progress_bar=false]       # optional; applied after the axes
+    baseline: true                     # optional; default true (see below)
 
 An entry is a config fragment (a path ending in ``.yaml``/``.yml``, composed with ``--config``
 exactly as ``hardneg fit --config`` does; relative paths are looked up in the current folder, then
@@ -26,6 +27,15 @@ in the project root) or a ``key=value`` override (``--key=value``). Each cell's 
 arguments are: base, one value per axis in axis order, overrides, then the seed keys, so the later
 entries win as with repeated ``--config``; then ``GRID_CALLBACKS`` are appended. Automatic labels: a
 fragment's file stem, an override's value, ``+``-joined for a list.
+
+The **baseline** is the untrained encoder's score, the reference row of ``hardneg report``. The grid
+measures it in baseline jobs that it runs before the cells: ``hardneg test`` without a checkpoint,
+with the entries and seed of the first cell it stands for, in ``output/baseline/<name>/``. One per
+seed: the seed sets the random parts of the untrained model (e.g. the embedding head), so the
+baseline of seed ``s`` is exactly the model the cells of seed ``s`` start from, and trained minus
+untrained compares like with like; it costs one test evaluation per seed instead of one per cell.
+``baseline: false`` runs none; ``baseline: [encoder, dataset]`` runs one per seed and per label of
+those axes: list the axes whose entries change the untrained model or the test data.
 """
 
 from __future__ import annotations
@@ -41,13 +51,15 @@ import yaml
 from experiments.grid_cell import Cell
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"name", "output", "base", "axes", "seeds", "seed_keys", "exclude", "overrides"}
+KEYS = {"name", "output", "base", "axes", "seeds", "seed_keys", "exclude", "overrides", "baseline"}
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Appended to every cell after its entries: the hardness diagnostic of the report and the progress
 # the grid shows. Do not configure them in a grid's configs too (Lightning refuses two stateful
 # callbacks of one class).
 GRID_CALLBACKS = ("experiments.hardness_monitor.HardnessMonitor", "experiments.progress_file.ProgressFile")
+# Appended to every baseline job (``hardneg test``): writes its test and validation metrics.
+BASELINE_CALLBACKS = ("experiments.untrained_baseline.UntrainedBaseline",)
 
 
 def _sanitize(text: str) -> str:
@@ -76,6 +88,8 @@ class GridSpec:
         seeds: the seeds every combination runs with.
         seed_keys: the config keys set to the seed (``--key=seed``).
         exclude: rules axis -> labels; a combination matching every key of one rule is dropped.
+        baseline: the axes the untrained-encoder baseline depends on (one baseline job per seed and
+            label combination of them), or ``None`` for no baseline.
     """
 
     source: Path
@@ -87,6 +101,7 @@ class GridSpec:
     seed_keys: tuple[str, ...]
     exclude: tuple[dict[str, tuple[str, ...]], ...]
     overrides: tuple[str, ...] = ()
+    baseline: tuple[str, ...] | None = ()
 
     # ----------------------------------------------------------------------------- parsing
     @classmethod
@@ -117,6 +132,7 @@ class GridSpec:
             seed_keys=tuple(str(k).lstrip("-") for k in raw.get("seed_keys") or ["seed_everything"]),
             exclude=exclude,
             overrides=cls._parse_entries(raw.get("overrides") or [], f"{where}, overrides"),
+            baseline=cls._parse_baseline(raw.get("baseline", True), axes, where),
         )
         if not spec.combinations():
             raise ValueError(f"{where}: the exclude rules remove every combination of {list(axes)}")
@@ -174,6 +190,18 @@ class GridSpec:
         if len(set(value)) != len(value):
             raise ValueError(f"{where}: seeds {value} repeat a seed")
         return tuple(value)
+
+    @staticmethod
+    def _parse_baseline(value: Any, axes: dict[str, dict[str, tuple[str, ...]]], where: str) -> tuple[str, ...] | None:
+        if value is True or value is None:
+            return ()
+        if value is False:
+            return None
+        names = value if isinstance(value, list) else [value]
+        for name in names:
+            if name not in axes:
+                raise ValueError(f"{where}: baseline: {name!r} is not an axis; give true, false or a list of the axes {list(axes)} the untrained model depends on")
+        return tuple(a for a in axes if a in names)  # in axis order
 
     @staticmethod
     def _parse_exclude(value: Any, axes: dict[str, dict[str, tuple[str, ...]]], where: str) -> tuple[dict[str, tuple[str, ...]], ...]:
@@ -234,12 +262,37 @@ class GridSpec:
                 cells.append(Cell(labels=combo, seed=seed, entries=tuple(entries), argv=tuple(argv), folder=self.output.resolve() / "cells" / folder_name))
         return cells
 
+    def baseline_cells(self) -> list[Cell]:
+        """The baseline jobs: per label combination of the ``baseline`` axes (that some cell has) and
+        seed, ``hardneg test`` of the untrained model with the entries of the first such cell."""
+        if self.baseline is None:
+            return []
+        jobs: dict[tuple[tuple[str, str], ...], Cell] = {}
+        for cell in self.cells():
+            labels = {axis: cell.labels[axis] for axis in self.baseline}
+            key = (*labels.items(), ("seed", str(cell.seed)))
+            if key in jobs:
+                continue
+            argv = ["test"] + [arg for e in cell.entries for arg in self.resolve(e)]
+            argv += [f"--trainer.callbacks+={callback}" for callback in BASELINE_CALLBACKS]
+            folder_name = "__".join([*(f"{a}-{v}" for a, v in labels.items()), f"seed-{cell.seed}"])
+            jobs[key] = Cell(labels=labels, seed=cell.seed, entries=cell.entries, argv=tuple(argv),
+                             folder=self.output.resolve() / "baseline" / folder_name, kind="baseline")  # fmt: skip
+        return list(jobs.values())
+
+    def jobs(self) -> list[Cell]:
+        """Everything ``hardneg grid`` runs, baselines first."""
+        return [*self.baseline_cells(), *self.cells()]
+
     def record(self) -> dict[str, Any]:
-        """What ``grid.json`` stores: the axes with their labels in order, the seeds and the cells."""
+        """What ``grid.json`` stores: the axes with their labels in order, the seeds, the cells and the
+        baseline jobs."""
         return {
             "name": self.name,
             "source": str(self.source.resolve()),
             "axes": [{"name": axis, "labels": list(values)} for axis, values in self.axes.items()],  # a list: keeps the order
             "seeds": list(self.seeds),
+            "baseline_axes": None if self.baseline is None else list(self.baseline),
             "cells": [c.record() for c in self.cells()],
+            "baseline": [c.record() for c in self.baseline_cells()],
         }

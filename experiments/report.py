@@ -3,12 +3,19 @@
 Writes into ``GRID_DIR/report/``:
 
 - ``report.md``: the chosen metric with the grid's axes as rows and columns (the last axis that
-  varies is the columns), then every final metric per combination, the untrained baseline when
-  the runs measured it, and the cells that did not finish;
-- ``report.csv``: one row per combination: the axes, ``n`` (seeds finished), ``<metric>_mean`` and
-  ``<metric>_std`` for every metric; ``cells.csv``: one row per finished cell;
+  varies is the columns) and the untrained encoder (the grid's baseline jobs) as the first row
+  ``untrained``, then every final metric per combination, the cells that did not finish, and
+  warnings about incomplete training curves;
+- ``report.csv``: one row per combination: ``run`` (``trained``, or ``untrained`` for the
+  baseline), the axes, ``n`` (seeds finished), ``<metric>_mean`` and ``<metric>_std`` for every
+  metric; ``cells.csv``: one row per finished cell and baseline job;
 - PNGs (``experiments.report_plots``): the metric per combination with error bars, training curves
-  (loss and validation metric), and the hardness of the mined pairs over training per run.
+  (loss and validation metric), and the hardness of the mined pairs over training per run; the
+  untrained baseline is a dashed horizontal line on the metric plot and the validation curves.
+
+A training curve is checked against the run's plan (``progress.json``, ``config.yaml``): a cell
+whose ``metrics.csv`` has no rows, misses logged steps or validation epochs, or ends before its last
+step is named in a warning, printed and written into ``report.md``.
 
 Mean and standard deviation are over the finished seeds of a combination; the standard deviation
 is the sample one (``ddof=1``), left empty for a single seed.
@@ -25,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from experiments.atomic import atomic_write_text
 from experiments.grid_cell import Cell
+from experiments.run_folder import read_metrics_csv
 
 PLUS_MINUS = "±"
 TIMES = ("seconds", "cpu_seconds")  # wall and CPU seconds of a cell's last attempt
@@ -47,6 +56,28 @@ def load_grid(grid_dir: str | Path) -> tuple[dict[str, Any], list[Cell]]:
         # The folder may have moved since the grid ran: cells are found relative to grid.json.
         cells.append(Cell.from_record({**record, "folder": str(grid_dir / "cells" / cell.folder.name)}))
     return grid, cells
+
+
+def load_baseline(grid_dir: str | Path, grid: dict[str, Any]) -> list[Cell]:
+    """The grid's baseline jobs (``grid.json`` ``baseline``; none for a grid run without them)."""
+    return [Cell.from_record({**r, "folder": str(Path(grid_dir) / "baseline" / Path(r["folder"]).name)}) for r in grid.get("baseline") or []]
+
+
+def baseline_table(jobs: list[Cell], validation: bool = False) -> pd.DataFrame:
+    """One row per finished baseline job: its axes, ``seed``, ``cell`` (folder name), its test
+    metrics (its validation metrics with ``validation``: for cells whose final metrics are their last
+    validation) and ``val/<metric>`` for the validation metrics."""
+    rows = []
+    for job in jobs:
+        if not job.is_finished():
+            continue
+        done = job.done()
+        row: dict[str, Any] = {**job.labels, "seed": job.seed, "cell": job.folder.name}
+        main = (done.get("metrics_val") if validation else None) or done["metrics"]
+        row.update({k: v for k, v in main.items() if isinstance(v, (int, float))})
+        row.update({f"val/{k}": v for k, v in (done.get("metrics_val") or {}).items() if isinstance(v, (int, float))})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def cell_table(grid: dict[str, Any], cells: list[Cell]) -> pd.DataFrame:
@@ -129,30 +160,127 @@ def layout(axes: dict[str, list[str]], rows: list[str] | None = None, cols: str 
     return list(rows), cols
 
 
-def pivot_markdown(agg: pd.DataFrame, metric: str, axes: dict[str, list[str]], rows: list[str], cols: str | None, n_seeds: int) -> str:
+def select(agg: pd.DataFrame, values: dict[str, str]) -> pd.DataFrame:
+    """The rows of ``agg`` with these labels (axes that ``agg`` lacks are ignored)."""
+    mask = pd.Series(True, index=agg.index)
+    for axis, label in values.items():
+        if axis in agg:
+            mask &= agg[axis].astype(str) == label
+    return agg[mask]
+
+
+def untrained_rows(baseline_agg: pd.DataFrame | None, baseline_axes: list[str], metric: str, axes: dict[str, list[str]], rows: list[str],
+                   cols: str | None, n_seeds: int) -> list[list[str]]:  # fmt: skip
+    """The ``untrained`` row(s) of the main table: one, or one per label of the row axes the baseline
+    depends on; a column the baseline does not depend on repeats its value."""
+    if baseline_agg is None or baseline_agg.empty or f"{metric}_mean" not in baseline_agg:
+        return []
+    by = [a for a in rows if a in baseline_axes]
+    out = []
+    for key in itertools.product(*(axes[a] for a in by)):
+        values = dict(zip(by, key))
+        texts = []
+        for c in axes[cols] if cols else [None]:
+            match = select(baseline_agg, {**values, **({cols: c} if cols else {})})
+            r = match.iloc[0] if len(match) == 1 else None
+            texts.append("–" if r is None else format_mean_std(r[f"{metric}_mean"], r[f"{metric}_std"], int(r["n"]), n_seeds))
+        if any(t != "–" for t in texts):
+            out.append([" / ".join(["untrained", *key]), *texts])
+    return out
+
+
+def pivot_markdown(agg: pd.DataFrame, metric: str, axes: dict[str, list[str]], rows: list[str], cols: str | None, n_seeds: int,
+                   baseline_agg: pd.DataFrame | None = None, baseline_axes: list[str] | None = None) -> str:  # fmt: skip
+    """The main table; ``baseline_agg`` (aggregated over seeds by ``baseline_axes``) adds the
+    ``untrained`` row(s) first."""
+
     def cell_text(match: pd.DataFrame) -> str:
         if match.empty:
             return "–"
         r = match.iloc[0]
         return format_mean_std(r[f"{metric}_mean"], r[f"{metric}_std"], int(r["n"]), n_seeds)
 
-    def select(values: dict[str, str]) -> pd.DataFrame:
-        mask = pd.Series(True, index=agg.index)
-        for axis, label in values.items():
-            mask &= agg[axis].astype(str) == label
-        return agg[mask]
-
     row_keys = list(itertools.product(*(axes[a] for a in rows))) if rows else [()]
     col_keys = axes[cols] if cols else [metric]
     corner = " \\ ".join(filter(None, [" / ".join(rows), cols])) or "grid"
-    table_rows = []
+    table_rows = untrained_rows(baseline_agg, baseline_axes or [], metric, axes, rows, cols, n_seeds)
     for key in row_keys:
         values = dict(zip(rows, key))
-        texts = [cell_text(select({**values, cols: c})) if cols else cell_text(select(values)) for c in col_keys]
+        texts = [cell_text(select(agg, {**values, cols: c})) if cols else cell_text(select(agg, values)) for c in col_keys]
         if all(t == "–" for t in texts):
             continue  # an excluded combination
         table_rows.append([" / ".join(key) or "all", *texts])
     return markdown_table([corner, *col_keys], table_rows)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _trainer_config(folder: Path) -> dict[str, Any]:
+    """The ``trainer`` section of the run's resolved ``config.yaml`` (``{}`` if unreadable)."""
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    return trainer if isinstance(trainer, dict) else {}
+
+
+def _spans(pairs: list[tuple[int, int]], limit: int = 4) -> str:
+    text = ", ".join(f"{a}-{b}" for a, b in pairs[:limit])
+    return text + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
+
+
+def curve_problems(folder: str | Path) -> list[str]:
+    """What is missing from the training curves of the run in ``folder``, as short sentences.
+
+    Compares ``metrics.csv`` (read whole; a step logged twice by a resumed run counts once) with the
+    run's plan: ``train/loss`` is logged every ``trainer.log_every_n_steps`` steps, at steps
+    ``s`` with ``(s + 1) % every == 0``, up to the last of the ``total_steps`` that ``progress.json``
+    records; validation runs every ``check_val_every_n_epoch`` epochs of the epochs trained.
+    """
+    folder = Path(folder)
+    rows = read_metrics_csv(folder / "metrics.csv")
+    if not rows:
+        return ["no metrics: metrics.csv is missing or empty, so it has no training curve"]
+    trainer = _trainer_config(folder)
+    progress = _read_json(folder / "progress.json")
+    problems = []
+    every = int(trainer.get("log_every_n_steps") or 50)
+    total = progress.get("total_steps") or (trainer.get("max_steps") if (trainer.get("max_steps") or -1) > 0 else None)
+    steps = sorted({int(r["step"]) for r in rows if "train/loss" in r})
+    if not steps:
+        problems.append("no training loss logged")
+    else:
+        gaps = [(a, b) for a, b in zip(steps, steps[1:]) if b - a > every]
+        if gaps:
+            problems.append(f"training loss has gaps between steps {_spans(gaps)} (logged every {every} steps)")
+        last_expected = (int(total) // every) * every - 1 if total else None
+        if last_expected is not None and steps[-1] < last_expected:
+            problems.append(f"training loss ends at step {steps[-1]} of {int(total)}")
+    max_epochs = progress.get("max_epochs", trainer.get("max_epochs"))
+    val_every = trainer.get("check_val_every_n_epoch", 1)
+    if max_epochs and max_epochs > 0 and val_every and trainer.get("limit_val_batches", 1) not in (0, 0.0):
+        trained = min(int(max_epochs), int(progress["epoch"])) if progress.get("stage") == "final evaluation" else int(max_epochs)
+        expected = {e for e in range(trained) if (e + 1) % int(val_every) == 0}
+        got = {int(r["epoch"]) for r in rows if "epoch" in r and any(k.startswith("val/") for k in r)}
+        missing = sorted(expected - got)
+        if missing and not got:
+            problems.append("no validation metrics logged")
+        elif missing and missing[0] > max(got):
+            problems.append(f"validation ends at epoch {max(got)}, the run trained {trained} epochs (0-{trained - 1})")
+        elif missing:
+            problems.append(f"validation is missing for epoch(s) {', '.join(map(str, missing[:8]))} of 0-{trained - 1}")
+    return problems
+
+
+def curve_warnings(cells: list[Cell]) -> list[str]:
+    """``<cell id>: <problem>`` for every finished cell whose training curves are incomplete."""
+    return [f"{cell.id}: {problem}" for cell in cells if cell.is_finished() for problem in curve_problems(cell.folder)]
 
 
 def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str] | None = None, cols: str | None = None, plots: bool = True) -> Path:
@@ -160,6 +288,12 @@ def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str]
     grid_dir = Path(grid_dir)
     grid, cells = load_grid(grid_dir)
     axes: dict[str, list[str]] = grid["axes"]
+    jobs = load_baseline(grid_dir, grid)
+    baseline_axes = [a for a in grid.get("baseline_axes") or [] if a in axes]
+    sources = {c.done().get("source") or "" for c in cells if c.is_finished()}
+    on_validation = bool(sources) and all("validation" in s for s in sources)  # compare like with like
+    baseline_frame = baseline_table(jobs, validation=on_validation)
+    baseline_agg = aggregate(baseline_frame, baseline_axes) if not baseline_frame.empty else None
     frame = cell_table(grid, cells)
     if frame.empty:
         raise FileNotFoundError(f"no cell of {grid_dir} has finished yet (no cells/*/done.json); run `hardneg grid` first")
@@ -173,10 +307,18 @@ def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str]
 
     n_seeds = len(grid["seeds"])
     fixed = [f"{a} = {labels[0]}" for a, labels in axes.items() if len(labels) == 1]
-    unfinished = [c.id for c in cells if not c.is_finished()]
+    unfinished = [c.id for c in [*jobs, *cells] if not c.is_finished()]
+    warnings = curve_warnings(cells)
+    for warning in warnings:
+        print(f"hardneg report: warning: incomplete training curve of {warning}", file=sys.stderr)
     main_metrics = [m for m in available if "/" not in m and m not in TIMES]
     long_header = [*axes, "n", *main_metrics] + ([f"untrained {metric}"] if f"untrained/{metric}" in available else []) + ["minutes/cell", "CPU minutes/cell"]
     long_rows = []
+    for _, r in (baseline_agg if baseline_agg is not None else pd.DataFrame()).iterrows():
+        texts = [str(r[a]) if a in baseline_axes else "untrained" for a in axes] + [str(int(r["n"]))]
+        texts += [format_mean_std(r.get(f"{m}_mean", math.nan), r.get(f"{m}_std", math.nan)) for m in main_metrics]
+        texts += ["–"] * (len(long_header) - len(texts))
+        long_rows.append(texts)
     for _, r in agg.iterrows():
         texts = [str(r[a]) for a in axes] + [str(int(r["n"]))]
         texts += [format_mean_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in main_metrics]
@@ -193,22 +335,45 @@ def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str]
         f"Mean {PLUS_MINUS} sample std over seeds {grid['seeds']} ({len(cells) - len(unfinished)}/{len(cells)} cells finished); "
         f"final metrics from {', '.join(sorted(s for s in source if s))}." + (f" Fixed: {', '.join(fixed)}." if fixed else ""),
         "",
-        pivot_markdown(agg, metric, axes, row_axes, col_axis, n_seeds),
+        pivot_markdown(agg, metric, axes, row_axes, col_axis, n_seeds, baseline_agg, baseline_axes),
         "",
+        *baseline_note(grid, jobs, baseline_frame, baseline_axes, "validation" if on_validation else "test"),
         "## All final metrics",
         "",
         markdown_table(long_header, long_rows),
     ]
     if unfinished:
         parts += ["", "## Not finished", "", *[f"- {c}" for c in unfinished]]
+    if warnings:
+        parts += ["", "## Warnings: incomplete training curves", "",
+                  "The curves of these cells miss logged steps; `curves.png` averages the seeds that have them.", "",
+                  *[f"- {w}" for w in warnings]]  # fmt: skip
     atomic_write_text(out / "report.md", "\n".join(parts) + "\n")
-    atomic_write_text(out / "report.csv", agg.to_csv(index=False))
-    atomic_write_text(out / "cells.csv", frame.to_csv(index=False))
+    atomic_write_text(out / "report.csv", with_baseline(agg, baseline_agg).to_csv(index=False))
+    atomic_write_text(out / "cells.csv", with_baseline(frame, baseline_frame).to_csv(index=False))
     if plots:
         from experiments import report_plots
 
-        report_plots.write_plots(out, grid, cells, frame, agg, metric, row_axes, col_axis)
+        baseline = report_plots.Baseline(baseline_agg, baseline_axes) if baseline_agg is not None else None
+        report_plots.write_plots(out, grid, cells, frame, agg, metric, row_axes, col_axis, baseline=baseline)
     return out
+
+
+def with_baseline(trained: pd.DataFrame, untrained: pd.DataFrame | None) -> pd.DataFrame:
+    """``trained`` rows after ``untrained`` ones, told apart by a first column ``run``."""
+    parts = [t.assign(run=run) for t, run in ((untrained, "untrained"), (trained, "trained")) if t is not None and not t.empty]
+    table = pd.concat([p.astype({c: str for c in p.columns if isinstance(p[c].dtype, pd.CategoricalDtype)}) for p in parts], ignore_index=True)
+    return table[["run", *(c for c in table.columns if c != "run")]]
+
+
+def baseline_note(grid: dict[str, Any], jobs: list[Cell], baseline_frame: pd.DataFrame, baseline_axes: list[str], split: str = "test") -> list[str]:
+    """A sentence under the main table saying what the ``untrained`` row is (or why it is missing)."""
+    if not jobs:
+        return ["No `untrained` row: this grid ran without baseline jobs (`baseline: false`, or a grid folder from before them).", ""]
+    per = "".join(f" and {a}" for a in baseline_axes)
+    done = 0 if baseline_frame.empty else len(baseline_frame)
+    return [f"`untrained`: the encoder before training, on the {split} split like the cells (`hardneg test` without a checkpoint, "
+            f"one run per seed{per}; {done}/{len(jobs)} finished, in `baseline/`).", ""]  # fmt: skip
 
 
 def main(argv: list[str]) -> int:

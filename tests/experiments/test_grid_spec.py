@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from experiments.cli import main
-from experiments.grid_spec import GRID_CALLBACKS, GridSpec
+from experiments.grid_cell import Cell
+from experiments.grid_spec import BASELINE_CALLBACKS, GRID_CALLBACKS, GridSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 GRIDS = sorted((ROOT / "experiments" / "grids").glob("*.yaml"))
@@ -113,6 +114,7 @@ def test_fragments_resolve_from_the_project_root_elsewhere(tmp_path, monkeypatch
         ({"seeds": [0, 0]}, "repeat a seed"),
         ({"seeds": 0}, "positive count"),
         ({"axes": {"miner": [MINER]}, "exclude": [{"miner": "batch_hard"}]}, "remove every combination"),
+        ({"baseline": ["encoder"]}, "baseline: 'encoder' is not an axis"),
     ],
 )
 def test_errors_name_the_problem(tmp_path, monkeypatch, changes, message):
@@ -133,6 +135,8 @@ def test_dry_run_prints_every_cell_and_runs_nothing(tmp_path, monkeypatch, capsy
     for cell_id in ("miner=batch_hard,seed=0", "miner=batch_hard,seed=1", "miner=multi_similarity,seed=0", "miner=multi_similarity,seed=1"):
         assert f"new        {cell_id}" in out
     assert out.count("hardneg fit --config") == 4
+    assert "+ 2 untrained-baseline evaluations (one per seed)" in out
+    assert "new        baseline,seed=0" in out and out.count("hardneg test --config") == 2
     assert not (tmp_path / "out").exists()
 
 
@@ -174,3 +178,49 @@ def test_grid_cells_are_valid_fit_configs(path, monkeypatch, capsys):
         assert config["trainer"]["default_root_dir"] == str(cell.folder)
         callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
         assert all(c in callbacks for c in GRID_CALLBACKS)
+
+
+def test_baseline_jobs_one_per_seed_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = example(tmp_path)
+    cells, jobs = spec.cells(), spec.baseline_cells()
+    assert [(j.id, j.seed, j.labels) for j in jobs] == [("baseline,seed=0", 0, {}), ("baseline,seed=1", 1, {})]
+    for job in jobs:
+        first = next(c for c in cells if c.seed == job.seed)  # the untrained model of the first cell of its seed
+        assert job.is_baseline and job.entries == first.entries
+        assert job.argv == ("test", *first.argv[1 : -len(GRID_CALLBACKS)], *(f"--trainer.callbacks+={c}" for c in BASELINE_CALLBACKS))
+        assert job.folder == (tmp_path / "out" / "baseline" / f"seed-{job.seed}").resolve()
+        assert not job.can_resume() and job.fit_argv(resume=True)[-1] == f"--trainer.default_root_dir={job.folder}"
+        assert Cell.from_record(job.record()) == job
+    assert spec.jobs() == [*jobs, *cells]
+    record = spec.record()
+    assert record["baseline_axes"] == [] and [r["id"] for r in record["baseline"]] == ["baseline,seed=0", "baseline,seed=1"]
+    assert all(not c.is_baseline and Cell.from_record(c.record()) == c for c in cells)
+
+
+def test_baseline_per_axis_or_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = example(tmp_path, baseline=["loss"])
+    ids = [j.id for j in spec.baseline_cells()]
+    assert ids == [f"baseline,loss={loss},seed={s}" for loss in ("triplet_margin", "contrastive+0.5") for s in (0, 1)]
+    assert spec.baseline_cells()[0].folder.name == "loss-triplet_margin__seed-0"
+    assert all("--config" in j.argv and j.labels == {"loss": j.id.split(",")[1].split("=")[1]} for j in spec.baseline_cells())
+    none = example(tmp_path, baseline=False)
+    assert none.baseline_cells() == [] and none.record()["baseline_axes"] is None and none.jobs() == none.cells()
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_grid_baselines_are_valid_test_configs(path, monkeypatch, capsys):
+    """Every baseline job's arguments parse as a ``hardneg test`` config (``--print_config``: no run)."""
+    from experiments.lightning_cli import run_lightning_cli
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["hardneg"])
+    spec = GridSpec.load(path, output="/tmp/unused")
+    for job in spec.baseline_cells()[:1]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_lightning_cli([*job.fit_argv(resume=False), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["seed_everything"] == job.seed and config.get("ckpt_path") is None
+        assert BASELINE_CALLBACKS[0] in [c["class_path"] for c in config["trainer"]["callbacks"]]
