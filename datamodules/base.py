@@ -113,7 +113,10 @@ class MetricLearningDataModule(L.LightningDataModule):
         """Set ``self.train_dataset`` and ``self.test_dataset`` (and optionally ``self.val_dataset``)."""
         raise NotImplementedError
 
-    def setup(self, stage: str | None = None) -> None:
+    def prepare_splits(self) -> None:
+        """Read the metadata and build the splits (labels, paths; no transform, no image decoded unless
+        ``verify``): every check of the folder. ``setup()`` calls it; the pre-flight check
+        (``experiments.preflight``) calls it before training to compare the splits with the model."""
         if self.train_dataset is None:
             try:
                 self.build_datasets()
@@ -129,6 +132,9 @@ class MetricLearningDataModule(L.LightningDataModule):
                 self.train_dataset = self.val_dataset = self.test_dataset = None
                 self.query_dataset = self.gallery_dataset = None
                 raise
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_splits()
         cfg = self.resolved_data_config()
         eval_tf = build_eval_transform(cfg)
         self.train_dataset.transform = build_train_transform(cfg, scale=self.train_scale) if self.augment else eval_tf
@@ -228,6 +234,20 @@ class MetricLearningDataModule(L.LightningDataModule):
         return self.eval_dataloader(self.test_dataset)
 
     # ------------------------------------------------------------------------------- summaries
+    def class_name(self, label: int, dataset: LabelledDataset | None = None) -> str:
+        """How the dataset itself names the class of 0-based ``label`` (for messages): the folder or id
+        of its metadata (``class_names`` of the dataset, else its ``class_ids``), else the label."""
+        ds = dataset if dataset is not None else self.train_dataset
+        names = getattr(ds, "class_names", None)
+        if names is not None and int(label) in names:
+            return str(names[int(label)])
+        ids = getattr(ds, "class_ids", None)
+        if ids is not None:
+            where = np.flatnonzero(np.asarray(ds.labels) == label)
+            if len(where):
+                return f"class_id {ids[where[0]]}"
+        return f"label {label}"
+
     def split_sizes(self) -> dict[str, dict[str, int]]:
         """Images and classes per split (printed by ``hardneg data check``); ``val`` only when it
         is not the test set, ``query``/``gallery`` under the query/gallery protocol."""

@@ -97,6 +97,7 @@ class CUB200DataModule(MetricLearningDataModule):
                 raise DatasetFormatError(f"{files['images.txt']} line {number}: image_id {image_id} has no class in image_class_labels.txt")
 
         class_ids = sorted(class_pos)
+        class_names = {class_id: name for _, (class_id, name) in classes}
         check_total_classes(len(class_ids), self.num_train_classes, self.num_test_classes, str(files["classes.txt"]), NAME)
         train_ids = set(class_ids[: self.num_train_classes])
 
@@ -117,6 +118,8 @@ class CUB200DataModule(MetricLearningDataModule):
             keep = np.flatnonzero(members)
             ds = ImageFileDataset([paths[i] for i in keep], all_labels[keep], boxes=[boxes[i] for i in keep] if boxes else None)
             ds.class_ids = ids[keep]
+            # The class as classes.txt and images/ name it ("002.Laysan_Albatross"), for messages.
+            ds.class_names = {int(all_labels[i]): class_names[ids[i]] for i in keep}
             setattr(self, f"{split}_dataset", ds)
 
     def _boxes(self, folder: Path, image_pos: dict[int, int]) -> list[tuple[float, float, float, float]]:

@@ -38,6 +38,8 @@ class LabelledDataset(Dataset):
         for name, value in vars(self).items():
             if name not in vars(new) and isinstance(value, np.ndarray) and len(value) == len(self):
                 setattr(new, name, value[indices])
+            elif name == "class_names":  # label -> the dataset's own class name: valid for any subset
+                setattr(new, name, value)
         return new
 
 

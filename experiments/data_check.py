@@ -8,6 +8,10 @@
 ``--data.init_args.KEY=VALUE`` arguments override it, as with ``hardneg fit``. The DataModule is
 built with jsonargparse and ``setup()`` runs every check of its folder (missing root or metadata
 file, unparsable line, listed image absent, class counts); ``--verify`` also decodes every image.
+Then it runs the pre-flight checks of ``hardneg fit`` (``experiments.preflight``): P x K against the
+size of every train class and, for a run config, its model against the data (``num_classes``,
+``embedding_size``, miner/loss/memory compatibility). The model's components are built from the
+config; the encoder is not (its ``embed_dim`` comes from the preset registry or its arguments).
 Exit status 0 when the folder is sound, 1 with the DataModule's message when it is not.
 """
 
@@ -52,6 +56,76 @@ def build_datamodule(spec: dict[str, Any], overrides: list[str]):
     return parser.instantiate_classes(cfg).data
 
 
+def load_run_config(path: Path) -> dict[str, Any]:
+    config = yaml.safe_load(path.read_text()) or {}
+    return config if isinstance(config, dict) and "data" in config else {}
+
+
+def encoder_embed_dim(spec: Any) -> int | None:
+    """The encoder's output size from its config, without building it; ``None`` when the config does not say."""
+    import importlib
+    import inspect
+
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        return None
+    init_args = spec.get("init_args") or {}
+    if spec["class_path"] in ("models.preset", "models.registry.preset"):
+        from models import get_preset_info
+
+        overrides = init_args.get("overrides") or {}
+        if "embed_dim" in overrides:
+            return overrides["embed_dim"] if isinstance(overrides["embed_dim"], int) and overrides["embed_dim"] > 0 else None
+        return get_preset_info(init_args["name"]).embed_dim
+    if isinstance(init_args.get("embed_dim"), int):
+        return init_args["embed_dim"] or None
+    module, _, name = spec["class_path"].rpartition(".")
+    try:
+        default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["embed_dim"].default
+    except (ImportError, AttributeError, KeyError, ValueError, TypeError):
+        return None
+    return default if isinstance(default, int) and default > 0 else None
+
+
+def build_component(spec: Any):
+    """One model component (loss, miner, mixer ...) from its ``class_path``/``init_args``, as LightningCLI builds it."""
+    from typing import Optional
+
+    from jsonargparse import ArgumentParser
+    from torch import nn
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--component", type=Optional[nn.Module])
+    return parser.instantiate_classes(parser.parse_args(["--component", json.dumps(spec)])).component
+
+
+def model_components(config: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """``({option: component}, encoder embed_dim)`` of a run config's model: the ``nn.Module`` arguments
+    other than the encoder, built; nothing for a data fragment."""
+    import importlib
+
+    from torch import nn
+
+    init_args = ((config.get("model") or {}).get("init_args")) or {}
+    components: dict[str, Any] = {}
+    for key, spec in init_args.items():
+        if key == "encoder" or not isinstance(spec, dict) or "class_path" not in spec:
+            continue
+        module, _, name = spec["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            components[f"model.init_args.{key}"] = build_component(spec)
+    return components, encoder_embed_dim(init_args.get("encoder"))
+
+
+def world_size(config: dict[str, Any]) -> int:
+    trainer = config.get("trainer") or {}
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    return (devices if isinstance(devices, int) and devices > 0 else 1) * (nodes if isinstance(nodes, int) else 1)
+
+
 def format_report(datamodule) -> str:
     sizes = datamodule.split_sizes()
     lines = [f"{'split':<10}{'images':>10}{'classes':>10}"]
@@ -73,14 +147,23 @@ def check(argv: list[str]) -> int:
     from jsonargparse import ArgumentError
 
     from datamodules import DatasetFormatError
+    from experiments.preflight import check_run, run_facts
 
     try:
         datamodule = build_datamodule(load_data_spec(Path(args.data)), overrides)
         if args.verify:
             datamodule.verify = True
         datamodule.setup("fit")
+        run_config = load_run_config(Path(args.data))
+        components, embed_dim = model_components(run_config)
+        # The same checks as hardneg fit's (HardnegCLI.before_fit), on the same DataModule.
+        problems = check_run(components, run_facts(datamodule, embed_dim, world_size(run_config)))
     except (DatasetFormatError, OSError, ValueError, TypeError, ArgumentError) as err:
         print(f"hardneg data check: FAILED: {err}", file=sys.stderr)
+        return 1
+    if problems:
+        lines = [f"hardneg data check: FAILED: hardneg fit would stop at {len(problems)} problem(s) before training:"]
+        print("\n".join(lines + [f"  - {p}" for p in problems]), file=sys.stderr)
         return 1
     print(f"{type(datamodule).__module__}.{type(datamodule).__name__}  root={getattr(datamodule, 'root', '-')}")
     print(format_report(datamodule))

@@ -10,6 +10,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_DOWNLOAD_ERRORS = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "urllib")
+
+
+class PretrainedWeightsUnavailable(OSError):
+    """``pretrained=True`` but the hub weights are neither cached nor downloadable (offline, no network).
+
+    The message names the weights (``timm/resnet50.tv_in1k``) and how to give a local file instead;
+    ``hardneg fit`` prints it without a traceback."""
+
+
+def _weights_unavailable(model_name: str, hub_id: Optional[str], err: BaseException) -> PretrainedWeightsUnavailable:
+    source = hub_id or f"timm's pretrained '{model_name}'"
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+    return PretrainedWeightsUnavailable(
+        f"TimmEncoder('{model_name}', pretrained=True): cannot load the weights {source}: they are not in the "
+        f"Hugging Face cache and the hub cannot be reached{offline} ({type(err).__name__}). Either download them "
+        f"once on a machine with network (`hf download {hub_id or model_name}`, then copy ~/.cache/huggingface), or "
+        f"give a local file in timm's layout with pretrained: false and weights: /path/to/model.safetensors "
+        f"(for a preset: encoder init_args overrides: {{pretrained: false, weights: /path/to/model.safetensors}}; "
+        f"pretrained: false alone trains from random weights)"
+    )
 
 
 class TimmEncoder(nn.Module):
@@ -102,6 +123,12 @@ class TimmEncoder(nn.Module):
                 f"timm model '{model_name}' rejected pool={pool!r} or model_kwargs "
                 f"{model_kwargs}: {err}"
             ) from err
+        except Exception as err:
+            # Offline or no network: the hub error names neither the weights nor the way around it.
+            if pretrained and (isinstance(err, OSError) or type(err).__module__.split(".")[0] in _DOWNLOAD_ERRORS):
+                hub_id = getattr(pretrained_cfg, "hf_hub_id", None) if pretrained_cfg is not None else None
+                raise _weights_unavailable(model_name, hub_id, err) from err
+            raise
         if weights is not None:
             _load_timm_weights(self.backbone, weights, model_name, in_chans)
 

@@ -6,6 +6,7 @@ import yaml
 
 from experiments.cli import main
 from tests.datamodules.miniature import make_cub, make_inshop
+from tests.experiments.test_preflight import TINY, fit_error, no_training, small_class_cub  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,8 @@ def rows(out: str) -> dict[str, list[str]]:
 
 
 def test_fragment_prints_split_sizes(tmp_path, capsys):
-    cfg = fragment(tmp_path, "datamodules.CUB200DataModule", make_cub(tmp_path / "cub"))
+    # P x K must fit the miniature (4 train classes of 4 images), as fit requires
+    cfg = fragment(tmp_path, "datamodules.CUB200DataModule", {**make_cub(tmp_path / "cub"), "classes_per_batch": 2})
     assert main(["data", "check", "--data", str(cfg)]) == 0
     table = rows(capsys.readouterr().out)
     assert table["train"] == ["16", "4"] and table["test"] == ["16", "4"]
@@ -32,7 +34,9 @@ def test_run_config_with_overrides_and_query_gallery(tmp_path, capsys):
     args = make_inshop(tmp_path / "inshop")
     recipe = ROOT / "experiments/recipes/metrix_proxy_anchor_inshop.yaml"
     overrides = [f"--data.init_args.{k}={v}" for k, v in args.items()]
-    assert main(["data", "check", "--data", str(recipe), *overrides]) == 0
+    assert main(["data", "check", "--data", str(recipe), *overrides]) == 1  # 20 classes a batch, 6 in the miniature
+    assert "data.init_args.classes_per_batch: a batch draws 20 distinct classes" in capsys.readouterr().err
+    assert main(["data", "check", "--data", str(recipe), *overrides, "--data.init_args.classes_per_batch=2"]) == 0
     table = rows(capsys.readouterr().out)
     assert table["train"] == ["24", "6"] and table["query"] == ["10", "5"] and table["gallery"] == ["10", "5"]
 
@@ -58,7 +62,7 @@ def test_verify_decodes_every_image(tmp_path, capsys):
     args = make_cub(tmp_path / "cub")
     bad = sorted((tmp_path / "cub").rglob("*.jpg"))[5]
     bad.write_bytes(b"\xff\xd8 truncated")
-    cfg = fragment(tmp_path, "datamodules.CUB200DataModule", args)
+    cfg = fragment(tmp_path, "datamodules.CUB200DataModule", {**args, "classes_per_batch": 2})
     assert main(["data", "check", "--data", str(cfg)]) == 0  # listed and present: found lazily, at load time
     capsys.readouterr()
     assert main(["data", "check", "--data", str(cfg), "--verify"]) == 1
@@ -71,3 +75,35 @@ def test_usage(capsys):
     assert main(["data", "inspect"]) == 2
     assert main(["--help"]) == 0
     assert "data       check a benchmark folder" in capsys.readouterr().out
+
+
+def test_rejects_what_fit_rejects_naming_the_dataset_class(tmp_path, capsys, no_training):
+    """A class with fewer images than K: data check (even --verify) and fit stop with the same message."""
+    args = small_class_cub(tmp_path)
+    cfg = fragment(tmp_path, "datamodules.CUB200DataModule", {**args, "classes_per_batch": 2, "samples_per_class": 4})
+    assert main(["data", "check", "--data", str(cfg), "--verify"]) == 1
+    err = capsys.readouterr().err
+    problem = next(line for line in err.splitlines() if "data.init_args.samples_per_class" in line).strip("- ")
+    assert "002.Laysan_Albatross (3 images)" in problem and "class 1 " not in problem
+    fit = fit_error(tmp_path, "--data=datamodules.CUB200DataModule", *[f"--data.init_args.{k}={v}" for k, v in args.items()],
+                    "--data.init_args.classes_per_batch=2", "--data.init_args.samples_per_class=4")
+    assert problem in fit
+
+
+def test_run_config_checks_the_model_against_the_data(tmp_path, capsys):
+    """The recipe's ProxyAnchorLoss is built (not its hub encoder) and checked against the folder."""
+    args = make_cub(tmp_path / "cub")
+    recipe = yaml.safe_load((ROOT / "experiments/recipes/metrix_proxy_anchor_cub.yaml").read_text())
+    recipe["data"]["init_args"].update(args, classes_per_batch=2, samples_per_class=4)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    assert main(["data", "check", "--data", str(config)]) == 0
+    capsys.readouterr()
+    recipe["model"]["init_args"]["loss"]["init_args"].update(num_classes=2, embedding_size=128)
+    config.write_text(yaml.safe_dump(recipe))
+    assert main(["data", "check", "--data", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "model.init_args.loss.init_args.num_classes: ProxyAnchorLoss has num_classes=2" in err
+    assert "labels 0..3 (4 classes); set num_classes: 4" in err
+    assert "model.init_args.loss.init_args.embedding_size: ProxyAnchorLoss has embedding_size=128" in err
+    assert "outputs 512-d embeddings" in err
