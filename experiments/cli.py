@@ -77,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(rest)
     if command in LIGHTNING_SUBCOMMANDS:
+        from experiments.divergence import DivergenceError
         from experiments.lightning_cli import run_lightning_cli
 
-        cli = run_lightning_cli(None if from_command_line else argv)
+        try:
+            cli = run_lightning_cli(None if from_command_line else argv)
+        except DivergenceError as err:  # the message names the step and the causes; a traceback adds nothing
+            print(f"hardneg {command}: {err}", file=sys.stderr)
+            return 1
         return run_status(cli)
     print(f"hardneg: unknown subcommand {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
