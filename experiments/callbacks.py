@@ -1,4 +1,10 @@
-"""Lightning callbacks every run uses: atomic checkpoints and the before/after retrieval report."""
+"""Lightning callbacks every run uses: atomic checkpoints and the before/after retrieval report.
+
+Under DDP every hook runs on every rank, and a collective (``trainer.log_dir``, ``barrier``,
+``broadcast``, a torchmetrics ``compute``) must run on all of them or the run hangs or dies: files are
+written on rank 0 only, into ``rank_log_dir(trainer)``, which is ``trainer.log_dir`` without its
+broadcast.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,21 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from experiments.atomic import atomic_write_json
+
+
+def rank_log_dir(trainer: L.Trainer) -> str | None:
+    """``trainer.log_dir`` computed on this rank alone, without the broadcast ``Trainer.log_dir`` does.
+
+    ``trainer.log_dir`` is a collective: read on rank 0 only (inside ``if trainer.is_global_zero``)
+    it waits for the other ranks forever or fails when they exit. On rank 0 this is the same folder.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    return trainer.default_root_dir
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -65,11 +84,12 @@ class RetrievalReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
             return
-        self.after = self._evaluate(trainer, pl_module)
+        self.after = self._evaluate(trainer, pl_module)  # on every rank: the metrics sync across ranks
         if trainer.is_global_zero:
             print(self.table(), flush=True)
-            if trainer.log_dir:
-                atomic_write_json(Path(trainer.log_dir) / "results.json", {"before_training": self.before, "after_training": self.after})
+            log_dir = rank_log_dir(trainer)
+            if log_dir:
+                atomic_write_json(Path(log_dir) / "results.json", {"before_training": self.before, "after_training": self.after})
 
     def table(self) -> str:
         rows = [f"{'test metric':<14}{'untrained':>12}{'trained':>12}"]

@@ -18,6 +18,9 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+# A DDP cell: Lightning starts ranks 1.. by re-running this command line from rank 0 (LOCAL_RANK >= 1
+# in their environment); their parent is rank 0, not the worker, so they die with rank 0.
+RANK_ZERO_PID = "HARDNEG_FATE_SHARE_RANK_ZERO_PID"
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -33,7 +36,11 @@ def main(argv: list[str]) -> int:
     if not argv or not argv[0].isdigit():
         print("usage: python -m experiments.fate_share PARENT_PID HARDNEG_ARGS...", file=sys.stderr)
         return 2
-    die_with_parent(int(argv[0]))
+    parent = int(argv[0])
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RANK_ZERO_PID):
+        parent = int(os.environ[RANK_ZERO_PID])
+    die_with_parent(parent)
+    os.environ[RANK_ZERO_PID] = str(os.getpid())
     from experiments.cli import main as hardneg
 
     return hardneg(argv[1:])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from experiments.atomic import atomic_write_json
+from experiments.callbacks import rank_log_dir
 from miners.mined import Mined
 from miners.tuples import all_pairs
 
@@ -106,9 +107,11 @@ class HardnessMonitor(L.Callback):
         self.write(trainer)
 
     def write(self, trainer: L.Trainer) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir or trainer.fast_dev_run:
+        if not trainer.is_global_zero or trainer.fast_dev_run:
             return
-        atomic_write_json(Path(trainer.log_dir) / "hardness.json", self.history())
+        log_dir = rank_log_dir(trainer)  # not trainer.log_dir: a collective, and this runs on rank 0 only
+        if log_dir:
+            atomic_write_json(Path(log_dir) / "hardness.json", self.history())
 
     def history(self) -> dict[str, Any]:
         edges = torch.linspace(-1.0, 1.0, self.bins + 1).tolist()

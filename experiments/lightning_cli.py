@@ -3,7 +3,8 @@
 - A run lives in ``trainer.default_root_dir``: ``config.yaml`` (the resolved config), CSV and
   TensorBoard logs, ``checkpoints/`` (written atomically, ``last.ckpt`` always kept) and
   ``results.json``. Logger versions are fixed to that folder, so ``--ckpt_path last`` finds the
-  checkpoint of a killed run and resumes it.
+  checkpoint of a killed run and resumes it; the logs continue where the checkpoint was saved
+  (``experiments.run_logs``: nothing logged before the kill is lost, nothing is logged twice).
 - ``validate`` / ``test`` log into ``<run>/<subcommand>-<date>/`` and never touch the fit's files.
 - Starting ``fit`` in a folder that already holds a checkpoint without ``--ckpt_path`` is refused
   rather than overwriting a finished or interrupted run.
@@ -20,9 +21,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from experiments.callbacks import AtomicModelCheckpoint
+from experiments.divergence import DivergenceMonitor
+from experiments.run_logs import ResumableCSVLogger, ResumableTensorBoardLogger, ResumeLogs
 
 
 class HardnegCLI(LightningCLI):
@@ -33,19 +35,44 @@ class HardnegCLI(LightningCLI):
             # fit logs into the run folder itself; validate/test get their own dated sub-folder so
             # they never overwrite the training logs or the training config.yaml.
             version = "" if self.subcommand in (None, "fit") else f"{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # Resumable: a run resumed with --ckpt_path keeps the rows it logged before the kill.
             config["logger"] = [
-                CSVLogger(save_dir=root, name="", version=version),
-                TensorBoardLogger(save_dir=root, name="", version=version, default_hp_metric=False),
+                ResumableCSVLogger(save_dir=root, name="", version=version),
+                ResumableTensorBoardLogger(save_dir=root, name="", version=version, default_hp_metric=False),
             ]
+            callbacks = [*callbacks, ResumeLogs()]
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         # fast_dev_run is a smoke test: it writes no checkpoint (Lightning would still save last.ckpt).
         wants_checkpoints = config.get("enable_checkpointing", True) is not False and not config.get("fast_dev_run")
         if wants_checkpoints and not any(isinstance(c, ModelCheckpoint) for c in configured + callbacks):
             callbacks = [*callbacks, AtomicModelCheckpoint(dirpath=str(Path(root) / "checkpoints"), save_last=True)]
+        # Collapse warnings and a stop before a NaN step is applied, unless the user configured their own.
+        if not any(isinstance(c, DivergenceMonitor) for c in configured + callbacks):
+            callbacks = [*callbacks, DivergenceMonitor()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def instantiate_classes(self) -> None:
+        from models.timm_encoder import PretrainedWeightsUnavailable
+
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            # Offline hub weights: the message says what to do (jsonargparse wraps it in a ValueError).
+            cause, seen = err, set()
+            while cause is not None and id(cause) not in seen and not isinstance(cause, PretrainedWeightsUnavailable):
+                seen.add(id(cause))
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, PretrainedWeightsUnavailable):
+                raise SystemExit(f"hardneg {self.subcommand}: {cause}") from None
+            raise
+
     def before_fit(self) -> None:
+        # Everything the configuration decides (miner/loss/memory, sizes, num_classes, P x K against
+        # the class sizes), before the Trainer loads an image or a callback evaluates the baseline.
+        from experiments.preflight import exit_if_cannot_train
+
+        exit_if_cannot_train(self.model, self.datamodule, world_size=self.trainer.world_size)
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path is None and not self.trainer.fast_dev_run:
             for cb in self.trainer.checkpoint_callbacks:
@@ -59,7 +86,15 @@ class HardnegCLI(LightningCLI):
 
 def run_lightning_cli(argv: list[str] | None) -> HardnegCLI:
     """``argv=None`` reads ``sys.argv`` (the console script); a list runs in-process (tests, grids)."""
+    import sys
+
+    from experiments.cli_help import HardnegArgumentParser, import_components, print_component_help
+
+    import_components()  # short class names (--model.help MetricLearningModule) resolve among imported classes
+    if print_component_help(list(sys.argv[1:] if argv is None else argv)):
+        raise SystemExit(0)
     return HardnegCLI(
+        parser_class=HardnegArgumentParser,
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,
         subclass_mode_model=True,

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 
 from experiments.atomic import atomic_write_json
+from experiments.callbacks import rank_log_dir
 
 
 class ProgressFile(L.Callback):
@@ -26,13 +27,16 @@ class ProgressFile(L.Callback):
     def __init__(self, interval_s: float = 2.0) -> None:
         self.interval_s = interval_s
         self._last_write = 0.0
+        self._total: float = float("inf")
 
     def _write(self, trainer: L.Trainer, stage: str) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir:
+        # rank_log_dir, not trainer.log_dir: a collective, and this runs on rank 0 only, on a timer.
+        log_dir = rank_log_dir(trainer) if trainer.is_global_zero else None
+        if not log_dir:
             return
-        total = trainer.estimated_stepping_batches
+        total = self._total
         atomic_write_json(
-            Path(trainer.log_dir) / "progress.json",
+            Path(log_dir) / "progress.json",
             {
                 "step": int(trainer.global_step),
                 "total_steps": int(total) if total != float("inf") else None,
@@ -45,6 +49,8 @@ class ProgressFile(L.Callback):
         self._last_write = time.monotonic()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # On every rank: estimating may load the train loader, which waits for all ranks at a barrier.
+        self._total = trainer.estimated_stepping_batches
         self._write(trainer, "train")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

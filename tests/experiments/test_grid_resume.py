@@ -5,6 +5,7 @@ One real grid (digits, 2 miners x 1 loss x 2 seeds = 4 cells, 2 at a time) in a 
 own session, then ``hardneg report`` on its results.
 """
 
+import csv
 import json
 import os
 import signal
@@ -74,6 +75,18 @@ def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 240)
     pytest.fail(f"timed out waiting for {what}")
 
 
+def metric_rows(cell: Path) -> list[dict[str, str]]:
+    with open(cell / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def rows_before_checkpoint(cell: Path) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` logged before the cell's ``last.ckpt`` was saved."""
+    ckpt = torch.load(cell / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    step = ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+    return [row for row in metric_rows(cell) if int(row["step"]) < step]
+
+
 def cell_processes(out: Path) -> list[int]:
     """pids of live ``hardneg fit`` children of this grid (orphans, if fate sharing failed)."""
     pids = []
@@ -102,6 +115,8 @@ def test_sigkill_one_cell_then_the_whole_grid_then_resume(tmp_path):
 
     killed_cell, pid = wait_for(proc, running_cell, "a cell had a checkpoint")
     os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)  # the kill lands
+    logged_before_kill = {killed_cell: rows_before_checkpoint(killed_cell)}
 
     # 2. SIGKILL the whole grid (driver, Ray, workers, cells) once another cell finished and one is mid-way.
     def finished_and_interrupted():
@@ -114,6 +129,9 @@ def test_sigkill_one_cell_then_the_whole_grid_then_resume(tmp_path):
     proc.wait()
     first_log = proc.stdout.read()
     done_before = [c for c in cells(out) if (c / "done.json").exists()]  # those that made it before the kill landed
+    for cell in mid_way:
+        if cell not in done_before:
+            logged_before_kill[cell] = rows_before_checkpoint(cell)
     stamps = {c: (c / "done.json").stat().st_mtime_ns for c in done_before}
     assert len(done_before) < 4, first_log
     assert f"FAILED {json.loads((killed_cell / 'cell.json').read_text())['id']} (killed by SIGKILL)" in first_log, first_log
@@ -144,6 +162,11 @@ def test_sigkill_one_cell_then_the_whole_grid_then_resume(tmp_path):
         assert json.loads((cell / "results.json").read_text())["after_training"]["recall@1"] == done["metrics"]["recall@1"]
         history = json.loads((cell / "hardness.json").read_text())
         assert [s["step"] for s in history["steps"]] == list(range(1, EPOCHS * BATCHES + 1)), cell.name
+        rows = metric_rows(cell)  # every step of the whole run exactly once, resumed or not
+        assert [int(r["step"]) for r in rows if "train/loss" in r] == list(range(EPOCHS * BATCHES)), cell.name
+        assert [int(r["step"]) for r in rows if "val/recall@1" in r] == [(e + 1) * BATCHES - 1 for e in range(EPOCHS)], cell.name
+        if cell in logged_before_kill:  # the rows logged before the kill survived the resume unchanged
+            assert logged_before_kill[cell] and rows[: len(logged_before_kill[cell])] == logged_before_kill[cell], cell.name
     for cell, stamp in stamps.items():  # finished cells were not run again
         assert len(attempts(cell)) == 1 and (cell / "done.json").stat().st_mtime_ns == stamp
     for cell in [killed_cell, *mid_way]:  # interrupted after a checkpoint: resumed from it
