@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "zoo":
         return zoo(rest)
     if command == "grid":
-        from experiments.grid import main as grid_main
+        from experiments.grid.command import main as grid_main
 
         return grid_main(rest)
     if command == "report":
-        from experiments.report import main as report_main
+        from experiments.grid.report import main as report_main
 
         return report_main(rest)
     if command == "data":
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(rest)
     if command in LIGHTNING_SUBCOMMANDS:
-        from experiments.divergence import DivergenceError
+        from experiments.callbacks.divergence_monitor import DivergenceError
         from experiments.lightning_cli import run_lightning_cli
 
         try:

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 USAGE = "hardneg data check --data CONFIG.yaml [--data.init_args.KEY=VALUE ...] [--verify]"
 
@@ -32,7 +31,9 @@ def load_data_spec(path: Path) -> dict[str, Any]:
     """The DataModule spec (``{class_path, init_args}``) of a run config or a data fragment."""
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
+    from experiments.lightning_cli import load_config  # a recipe's parts: composed (imports lightning)
+
+    config = load_config(path)
     if not isinstance(config, dict):
         raise ValueError(f"config {path} is not a YAML mapping")
     spec = config.get("data", config)
@@ -57,7 +58,9 @@ def build_datamodule(spec: dict[str, Any], overrides: list[str]):
 
 
 def load_run_config(path: Path) -> dict[str, Any]:
-    config = yaml.safe_load(path.read_text()) or {}
+    from experiments.lightning_cli import load_config  # a recipe's parts: composed (imports lightning)
+
+    config = load_config(path)
     return config if isinstance(config, dict) and "data" in config else {}
 
 

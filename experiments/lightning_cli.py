@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from experiments.callbacks import AtomicModelCheckpoint
-from experiments.divergence import DivergenceMonitor
+from experiments.callbacks.divergence_monitor import DivergenceMonitor
 from experiments.run_logs import ResumableCSVLogger, ResumableTensorBoardLogger, ResumeLogs
 
 
@@ -84,12 +84,87 @@ class HardnegCLI(LightningCLI):
                     )
 
 
+PARTS_KEY = "parts"
+
+
+def expand_config_parts(argv: list[str]) -> list[str]:
+    """Expand a config that lists its parts into repeated ``--config`` arguments.
+
+    A paper recipe (``experiments/recipes/*.yaml``) is a short file whose top-level ``parts:`` lists the
+    fragments it is made of, relative to its own folder; its other keys are its own settings::
+
+        parts: [metrix/base.yaml, metrix/cub.yaml, ../loss/multi_similarity.yaml]
+        trainer: {default_root_dir: runs/metrix_multi_similarity_cub}
+
+    ``--config RECIPE`` becomes ``--config PART ... --config <RECIPE's own keys>``: LightningCLI's own
+    composition, in order, the last one winning. (jsonargparse's native include, a ``config: PATH`` key
+    inside a file, takes one path only, and a group set after it, ``trainer:``, drops the included
+    file's other ``trainer`` keys.) A part may list parts of its own.
+    """
+    import yaml
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        path = Path(value)
+        try:  # a --config value may also be YAML text
+            config = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") and path.is_file() else None
+        except OSError:
+            config = None
+        if not (isinstance(config, dict) and PARTS_KEY in config):
+            out += ["--config", value]
+            continue
+        parts = config.pop(PARTS_KEY)
+        for part in [parts] if isinstance(parts, str) else parts:
+            part_path = Path(os.path.normpath(path.parent / part))
+            if not part_path.is_file():
+                raise SystemExit(f"{path}: part {part!r} not found (looked for {part_path}; parts are relative to the recipe's folder)")
+            out += expand_config_parts(["--config", str(part_path)])
+        if config:
+            out += ["--config", yaml.safe_dump(config, sort_keys=False)]
+    return out
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict; a recipe that lists ``parts:`` resolved as ``hardneg fit --config PATH`` resolves it."""
+    import contextlib
+    import io
+
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    if not (isinstance(config, dict) and PARTS_KEY in config):
+        return config
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            run_lightning_cli(["fit", "--config", str(path), "--print_config"])
+        except SystemExit as stop:
+            if stop.code:
+                raise
+    return yaml.safe_load(out.getvalue())
+
+
 def run_lightning_cli(argv: list[str] | None) -> HardnegCLI:
-    """``argv=None`` reads ``sys.argv`` (the console script); a list runs in-process (tests, grids)."""
+    """``argv=None`` reads ``sys.argv`` (the console script); a list runs in-process (tests, grids).
+    A ``--config`` whose file lists ``parts:`` is expanded first (:func:`expand_config_parts`)."""
     import sys
 
     from experiments.cli_help import HardnegArgumentParser, import_components, print_component_help
 
+    if argv is None:
+        sys.argv[1:] = expand_config_parts(sys.argv[1:])  # DDP launches its workers with sys.argv
+    else:
+        argv = expand_config_parts(list(argv))
     import_components()  # short class names (--model.help MetricLearningModule) resolve among imported classes
     if print_component_help(list(sys.argv[1:] if argv is None else argv)):
         raise SystemExit(0)

@@ -9,10 +9,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from losses.distances import BaseDistance
-from losses.gather import all_gather_no_grad, all_gather_with_grad
+from contracts.distances import BaseDistance
+from contracts.gather import all_gather_no_grad, all_gather_with_grad
+from contracts.mined import Mined
 from losses.shared_distance import check_distances, share_distance
-from miners.mined import Mined
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -28,7 +28,7 @@ class MetricLearningModule(L.LightningModule):
     The module holds no method-specific code: the encoder, miner and loss are injected, so any
     miner pairs with any loss by configuration. Under DDP the embeddings of all ranks are gathered
     **with gradient** before mining, so the miner and the loss see the global batch and the
-    gradients equal those of one process on the concatenated batch (see ``losses.gather``).
+    gradients equal those of one process on the concatenated batch (see ``contracts.gather``).
 
     Args:
         encoder: ``nn.Module`` mapping images ``[B, C, H, W]`` to embeddings ``[B, D]``.
@@ -45,7 +45,7 @@ class MetricLearningModule(L.LightningModule):
         mixer: optional synthetic-example component with two hooks: ``mixer.embed(encoder, x) ->
             (emb, state)`` replaces ``encoder(x)`` (it may keep features or images in ``state``), and
             ``mixer(encoder, state, emb, labels, loss) -> scalar`` is added to the loss, on this
-            rank's rows (e.g. ``miners.Metrix``: mixup in input, feature or embedding space).
+            rank's rows (e.g. ``losses.Metrix``: mixup in input, feature or embedding space).
         distance: the one distance of the run, handed to the miner, the loss and the mixer (and a
             memory's inner miner and loss) in place of their defaults; a component given another
             distance of its own is an error. ``None``: each keeps its own, and a disagreement that
@@ -55,7 +55,7 @@ class MetricLearningModule(L.LightningModule):
     After each training step the module keeps the batch's embeddings ``last_emb [B, D]`` (detached;
     gathered across ranks like the miner sees them), ``last_labels [B]`` and ``last_mined`` (the
     miner's ``Mined``, ``None`` without a miner) for callbacks that observe the mining
-    (``experiments.hardness_monitor.HardnessMonitor``); each step overwrites them.
+    (``experiments.callbacks.HardnessMonitor``); each step overwrites them.
 
     Evaluation protocol: read from the DataModule's ``eval_protocol``. ``"self"`` (default; CUB,
     Cars, SOP): batches are ``(x, y, index)`` and every embedding is a query against the others
@@ -107,7 +107,7 @@ class MetricLearningModule(L.LightningModule):
         if self.hparams.gather:
             emb, labels = all_gather_with_grad(emb), all_gather_no_grad(labels)
         mined: Mined | None = self.miner(emb, labels) if self.miner is not None else None
-        # Kept (detached) for callbacks that observe the mining, e.g. experiments.hardness_monitor;
+        # Kept (detached) for callbacks that observe the mining, e.g. experiments.callbacks.hardness_monitor;
         # without the miner's distance matrices, which only the loss below needs.
         self.last_emb, self.last_labels = emb.detach(), labels.detach()
         self.last_mined = mined.without_matrices() if mined is not None else None

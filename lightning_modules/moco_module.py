@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from contracts.distances import BaseDistance
+from contracts.gather import all_gather_no_grad
+from contracts.mined import Mined
 from lightning_modules.metric_learning_module import MetricLearningModule, OptimizerFactory, SchedulerFactory, default_optimizer
-from losses.distances import BaseDistance
-from losses.gather import all_gather_no_grad
 from miners.memory import CrossBatchMemory
-from miners.mined import Mined
 from models.momentum import MomentumEncoder
 
 

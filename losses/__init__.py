@@ -3,7 +3,7 @@
 One class per file, named after the class. ``from losses import TripletMarginLoss``.
 """
 
-from losses.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from contracts.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
 from losses.reducers import (
     AvgNonZeroReducer, BaseReducer, DoNothingReducer, MeanReducer, MultipleReducers, PerAnchorReducer, SumReducer,
     ThresholdReducer,
@@ -19,11 +19,13 @@ from losses.proxy_anchor_loss import ProxyAnchorLoss
 from losses.circle_loss import CircleLoss
 from losses.debiased_contrastive_loss import DebiasedContrastiveLoss
 from losses.margin_loss import MarginLoss
+from losses.metrix import Metrix
+from losses.grad_cache import GradCache
 
 __all__ = [
     "BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance", "BaseLoss", "TripletMarginLoss",
     "ContrastiveLoss", "MultiSimilarityLoss", "NTXentLoss", "SupConLoss", "ProxyAnchorLoss", "CircleLoss",
     "DebiasedContrastiveLoss", "MarginLoss", "BaseReducer", "MeanReducer", "SumReducer", "AvgNonZeroReducer",
     "ThresholdReducer", "PerAnchorReducer", "DoNothingReducer", "MultipleReducers", "DistanceMismatchWarning",
-    "check_distances", "share_distance",
+    "check_distances", "share_distance", "Metrix", "GradCache",
 ]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from losses.distances import BaseDistance, LpDistance
+from contracts.distances import BaseDistance, LpDistance
+from contracts.inputs import Inputs, resolve_inputs
+from contracts.mined import Mined
 from losses.mixing import append_mix_pairs
 from losses.reducers import BaseReducer, LossPart, reduce_parts
-from miners.mined import Mined
-from miners.tuples import Inputs, resolve_inputs
 
 
 class BaseLoss(nn.Module):

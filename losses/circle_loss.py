@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contracts.distances import BaseDistance, CosineSimilarity
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs
+from contracts.mined import Mined
 from losses.base_loss import BaseLoss
-from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import any_mined, check_disjoint, is_mined, mined_pair_matrices, weighted_logsumexp, work_dtype
-from losses.reducers import BaseReducer, LossPart, mean_nonzero
-from miners.mined import Mined
-from miners.tuples import Inputs
+from losses.pair_matrix import any_mined, check_disjoint, is_mined, mined_pair_matrices, weighted_logsumexp
+from losses.reducers import BaseReducer, LossPart, mean_nonzero, row_parts
 
 
 class CircleLoss(BaseLoss):
@@ -59,10 +60,7 @@ class CircleLoss(BaseLoss):
 
     def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
         """The ``[B]`` row losses ``L_a``: PML's ``"element"`` reduction type."""
-        rows = self._row_losses(inputs, mined)
-        if rows is None:
-            rows = inputs.emb.new_zeros(0)
-        return {"loss": LossPart(rows, torch.arange(len(rows), device=rows.device), "element")}
+        return row_parts(self._row_losses(inputs, mined), inputs.emb)
 
     def _row_losses(self, inputs: Inputs, mined: Mined | None) -> Tensor | None:
         """``L_a`` for every query row ``[B]`` (work dtype); None without a positive or a negative pair."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from contracts.distances import BaseDistance
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs
+from contracts.mined import Mined
 from losses.base_loss import BaseLoss
-from losses.distances import BaseDistance
-from losses.pair_matrix import any_mined, few_tuples, listed_distances, mined_pair_matrices, mined_pairs, work_dtype
+from losses.pair_matrix import any_mined, few_tuples, listed_distances, mined_pair_matrices, mined_pairs
 from losses.reducers import BaseReducer, LossPart, mean_nonzero, weighted
-from miners.mined import Mined
-from miners.tuples import Inputs
 
 
 class ContrastiveLoss(BaseLoss):

@@ -7,11 +7,12 @@ import math
 import torch
 from torch import Tensor
 
+from contracts.distances import BaseDistance, CosineSimilarity
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs
+from contracts.mined import Mined
 from losses.base_loss import BaseLoss
-from losses.distances import BaseDistance, CosineSimilarity
-from losses.pair_matrix import any_mined, softmax_pairs, weighted_logsumexp, work_dtype
-from miners.mined import Mined
-from miners.tuples import Inputs
+from losses.pair_matrix import any_mined, softmax_pairs, weighted_logsumexp
 
 
 class DebiasedContrastiveLoss(BaseLoss):

@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contracts.distances import BaseDistance
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs
+from contracts.mined import check_weights
+from contracts.mined import Mined
+from contracts.relevance import label_masks
 from losses.base_loss import BaseLoss
-from losses.distances import BaseDistance
-from losses.pair_matrix import check_weights, mined_pairs, work_dtype
-from miners.mined import Mined
-from miners.tuples import Inputs, label_masks
+from losses.pair_matrix import mined_pairs
 
 
 class _TripletPairs(NamedTuple):

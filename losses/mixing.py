@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miners.mined import Mined, MixSpec
-from miners.tuples import Inputs
+from contracts.inputs import Inputs
+from contracts.mined import Mined
+from contracts.mix_spec import MixSpec
 
 
 def append_mix_pairs(inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:

@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from losses.distances import BaseDistance, work_dtype  # noqa: F401  (work_dtype re-exported)
-from miners.mined import Mined, Pairs, check_weights, pair_weight_matrix  # noqa: F401  (re-exported)
-from miners.tuples import Inputs, all_pairs, label_masks
+from contracts.distances import BaseDistance
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs
+from contracts.mined import Mined, Pairs, check_weights, pair_weight_matrix
+from contracts.relevance import all_pairs, label_masks
 
 
 def mined_pairs(inputs: Inputs, mined: Mined | None) -> Pairs:

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contracts.distances import BaseDistance, CosineSimilarity
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs
+from contracts.mined import check_weights
+from contracts.mined import Mined
 from losses.base_loss import BaseLoss
-from losses.distances import BaseDistance, CosineSimilarity
 from losses.mixing import soft_class_targets
-from losses.pair_matrix import check_weights, log1p_sum, weighted_logsumexp, work_dtype
-from miners.mined import Mined
-from miners.tuples import Inputs
+from losses.pair_matrix import log1p_sum, weighted_logsumexp
 
 
 class ProxyAnchorLoss(BaseLoss):

@@ -34,6 +34,12 @@ class LossPart(NamedTuple):
     kind: str
 
 
+def row_parts(rows: Tensor | None, like: Tensor) -> dict[str, LossPart]:
+    """Per-row losses ``L_a [B]`` as PML's ``"element"`` reduction type (``None``: nothing mined, no rows)."""
+    rows = like.new_zeros(0) if rows is None else rows
+    return {"loss": LossPart(rows, torch.arange(len(rows), device=rows.device), "element")}
+
+
 def weighted(losses: Tensor, weights: Tensor | None) -> Tensor:
     return losses if weights is None else losses * weights.to(losses.dtype)
 

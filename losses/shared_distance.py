@@ -25,11 +25,12 @@ from typing import Iterable
 
 from torch import nn
 
-from losses.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from contracts.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from losses.base_loss import BaseLoss
 
 FIX = (
     "configure one distance for both: MetricLearningModule(distance=...), on the command line "
-    "--model.init_args.distance losses.distances.CosineSimilarity (or LpDistance), or the same distance= "
+    "--model.init_args.distance contracts.distances.CosineSimilarity (or LpDistance), or the same distance= "
     "to the miner and the loss; to keep both on purpose, --model.init_args.allow_distance_mismatch true"
 )
 
@@ -85,8 +86,6 @@ def holders(*components: nn.Module | None) -> list[nn.Module]:
 
 
 def is_loss(module: nn.Module) -> bool:
-    from losses.base_loss import BaseLoss  # here: losses.base_loss imports miners, which import this package
-
     return isinstance(module, BaseLoss)
 
 

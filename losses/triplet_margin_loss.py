@@ -6,12 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contracts.distances import BaseDistance
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs
+from contracts.mined import check_weights
+from contracts.mined import Mined
+from contracts.relevance import all_triplets
 from losses.base_loss import BaseLoss
-from losses.distances import BaseDistance
-from losses.pair_matrix import any_mined, check_weights, few_tuples, listed_distances, work_dtype
+from losses.pair_matrix import any_mined, few_tuples, listed_distances
 from losses.reducers import BaseReducer, LossPart, mean_nonzero, weighted
-from miners.mined import Mined
-from miners.tuples import Inputs, all_triplets
 
 
 class TripletMarginLoss(BaseLoss):

@@ -3,7 +3,8 @@
 One class per file, named after the class. ``from miners import BatchHardMiner``.
 """
 
-from miners.mined import Mined, MixSpec, Pairs, TripletMask, Triplets
+from contracts.mined import Mined, Pairs, TripletMask, Triplets
+from contracts.mix_spec import MixSpec
 from miners.base_miner import BaseMiner
 from miners.batch_hard_miner import BatchHardMiner
 from miners.batch_easy_hard_miner import BatchEasyHardMiner
@@ -15,11 +16,10 @@ from miners.hard_negative_top_k_miner import HardNegativeTopKMiner
 from miners.memory import CrossBatchMemory
 from miners.mochi import MoCHi
 from miners.mochi_miner import MoCHiMiner
-from miners.metrix import Metrix
 
 __all__ = [
     "Mined", "MixSpec", "Pairs", "TripletMask", "Triplets", "BaseMiner", "BatchHardMiner",
     "BatchEasyHardMiner", "TripletMarginMiner", "MultiSimilarityMiner", "PairMarginMiner",
     "DistanceWeightedMiner", "HardNegativeTopKMiner", "CrossBatchMemory",
-    "MoCHi", "MoCHiMiner", "Metrix",
+    "MoCHi", "MoCHiMiner",
 ]

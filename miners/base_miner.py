@@ -7,9 +7,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from losses.distances import BaseDistance, LpDistance
-from miners.mined import Mined
-from miners.tuples import Inputs, resolve_inputs
+from contracts.distances import BaseDistance, LpDistance
+from contracts.inputs import Inputs, resolve_inputs
+from contracts.mined import Mined
 
 
 class BaseMiner(nn.Module):
@@ -19,7 +19,7 @@ class BaseMiner(nn.Module):
     the reference set with the batch when none is given, runs ``mine`` under ``torch.no_grad`` on
     detached embeddings, and checks that every returned index is in range. The distance matrices
     ``mine`` computes with ``self.distance`` travel in ``Mined.matrices``, so that the loss can
-    reuse them (``losses.distances.BaseDistance.reusing``) instead of computing them again.
+    reuse them (``contracts.distances.BaseDistance.reusing``) instead of computing them again.
 
     Args:
         distance: the distance shared with the loss; ``default_distance()`` when omitted

@@ -7,11 +7,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from losses.distances import BaseDistance
+from contracts.distances import BaseDistance
+from contracts.inputs import Inputs
+from contracts.mined import Mined
+from contracts.relevance import label_masks
 from miners.base_miner import BaseMiner
 from miners.masked_reductions import closest_largest, masked_extreme
-from miners.mined import Mined
-from miners.tuples import Inputs, label_masks
 
 STRATEGIES = ("hard", "semihard", "easy", "all")
 

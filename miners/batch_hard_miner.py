@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from contracts.inputs import Inputs
+from contracts.mined import Mined
 from miners.base_miner import BaseMiner
 from miners.masked_reductions import closest_largest, extreme_outside, outside_masks, same_label_counts
-from miners.mined import Mined
-from miners.tuples import Inputs
 
 
 class BatchHardMiner(BaseMiner):

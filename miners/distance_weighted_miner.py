@@ -7,10 +7,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from losses.distances import BaseDistance, LpDistance, work_dtype
+from contracts.distances import BaseDistance, LpDistance
+from contracts.dtypes import work_dtype
+from contracts.inputs import Inputs, resolve_inputs
+from contracts.mined import Mined
+from contracts.relevance import label_masks
 from miners.base_miner import BaseMiner
-from miners.mined import Mined
-from miners.tuples import Inputs, label_masks, resolve_inputs
 
 
 class DistanceWeightedMiner(BaseMiner):

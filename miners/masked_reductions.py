@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.distances import BaseDistance
+from contracts.distances import BaseDistance
 
 
 def outside_masks(labels: Tensor, ref_labels: Tensor, same_set: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Float ``[B, M]`` masks, 1 where an entry is *not* a positive / *not* a negative, else 0.
 
-    The same sets as ``miners.tuples.label_masks`` (the diagonal is no positive when the reference
+    The same sets as ``contracts.relevance.label_masks`` (the diagonal is no positive when the reference
     set is the batch), built in the matrix dtype so that the reductions below stay same-dtype.
     """
     not_neg = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).to(dtype)

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from losses.gather import all_gather_no_grad, dist_ready
-from miners.mined import Mined, TripletMask
-from miners.tuples import all_pairs
+from contracts.gather import all_gather_no_grad, dist_ready
+from contracts.mined import Mined, TripletMask
+from contracts.relevance import all_pairs
 
 
 class CrossBatchMemory(nn.Module):

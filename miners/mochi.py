@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from miners.mined import MixSpec
+from contracts.mix_spec import MixSpec
 
 
 class MoCHi(nn.Module):
@@ -42,7 +42,7 @@ class MoCHi(nn.Module):
         s: type-1 points per query (mixes of two hard negatives).
         s_prime: type-2 points per query (mixes of the query with a hard negative).
         warmup_epochs: no synthetic points before this epoch (``set_epoch`` is called at every
-            epoch start by ``MoCoModule`` or by the ``experiments.set_epoch.SetEpoch`` callback).
+            epoch start by ``MoCoModule`` or by the ``experiments.callbacks.SetEpoch`` callback).
     """
 
     def __init__(self, n_hard: int = 1024, s: int = 1024, s_prime: int = 512, warmup_epochs: int = 0) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from losses.distances import BaseDistance
+from contracts.distances import BaseDistance
+from contracts.inputs import Inputs
+from contracts.mined import Mined
+from contracts.relevance import all_pairs
 from miners.base_miner import BaseMiner
-from miners.mined import Mined
 from miners.mochi import MoCHi
-from miners.tuples import Inputs, all_pairs
 
 
 class MoCHiMiner(BaseMiner):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from losses.distances import BaseDistance, CosineSimilarity
+from contracts.distances import BaseDistance, CosineSimilarity
+from contracts.inputs import Inputs
+from contracts.mined import Mined
 from miners.base_miner import BaseMiner
 from miners.masked_reductions import outside_masks, push_outside
-from miners.mined import Mined
-from miners.tuples import Inputs
 
 
 class MultiSimilarityMiner(BaseMiner):

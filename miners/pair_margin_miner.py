@@ -6,10 +6,10 @@ from typing import Optional
 
 import torch
 
-from losses.distances import BaseDistance
+from contracts.distances import BaseDistance
+from contracts.inputs import Inputs
+from contracts.mined import Mined
 from miners.base_miner import BaseMiner
-from miners.mined import Mined
-from miners.tuples import Inputs
 
 
 class PairMarginMiner(BaseMiner):

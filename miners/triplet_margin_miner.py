@@ -6,11 +6,11 @@ from typing import Optional
 
 import torch
 
-from losses.distances import BaseDistance
+from contracts.distances import BaseDistance
+from contracts.inputs import Inputs
+from contracts.mined import Mined
 from miners.base_miner import BaseMiner
-from miners.mined import Mined
 from miners.masked_reductions import outside_masks, push_outside
-from miners.tuples import Inputs
 
 TYPES = ("all", "hard", "semihard", "easy")
 

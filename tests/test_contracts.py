@@ -4,9 +4,9 @@ import pytest
 import torch
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from contracts.relevance import all_pairs, all_triplets
 from losses import TripletMarginLoss
 from miners import BatchHardMiner, Mined, MixSpec
-from miners.tuples import all_pairs, all_triplets
 
 
 @pytest.mark.parametrize("seed", range(4))

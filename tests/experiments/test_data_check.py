@@ -5,6 +5,7 @@ from pathlib import Path
 import yaml
 
 from experiments.cli import main
+from experiments.lightning_cli import load_config
 from tests.datamodules.miniature import make_cub, make_inshop
 from tests.experiments.test_preflight import TINY, fit_error, no_training, small_class_cub  # noqa: F401 (fixture)
 
@@ -93,7 +94,7 @@ def test_rejects_what_fit_rejects_naming_the_dataset_class(tmp_path, capsys, no_
 def test_run_config_checks_the_model_against_the_data(tmp_path, capsys):
     """The recipe's ProxyAnchorLoss is built (not its hub encoder) and checked against the folder."""
     args = make_cub(tmp_path / "cub")
-    recipe = yaml.safe_load((ROOT / "experiments/recipes/metrix_proxy_anchor_cub.yaml").read_text())
+    recipe = load_config(ROOT / "experiments/recipes/metrix_proxy_anchor_cub.yaml")  # its parts composed
     recipe["data"]["init_args"].update(args, classes_per_batch=2, samples_per_class=4)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(recipe))

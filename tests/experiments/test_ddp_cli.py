@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, BATCHES = 2, 3
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.init_args.classes_per_batch=2"]
 BUDGET = [f"trainer.max_epochs={EPOCHS}", f"data.init_args.num_batches={BATCHES}", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
-CALLBACKS = ["experiments.callbacks.RetrievalReport", "experiments.hardness_monitor.HardnessMonitor", "experiments.progress_file.ProgressFile"]
+CALLBACKS = ["experiments.callbacks.RetrievalReport", "experiments.callbacks.HardnessMonitor", "experiments.callbacks.ProgressFile"]
 
 
 def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:

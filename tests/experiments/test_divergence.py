@@ -11,7 +11,7 @@ from torch import nn
 
 from datamodules import DigitsDataModule
 from experiments.cli import main
-from experiments.divergence import DivergenceError, DivergenceMonitor, EmbeddingCollapseWarning, embedding_spread, is_collapsed
+from experiments.callbacks.divergence_monitor import DivergenceError, DivergenceMonitor, EmbeddingCollapseWarning, embedding_spread, is_collapsed
 from lightning_modules.metric_learning_module import MetricLearningModule
 from losses import TripletMarginLoss
 from miners import BatchHardMiner

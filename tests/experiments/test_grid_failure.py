@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from experiments.grid_cell import last_error
-from experiments.grid_spec import GridSpec
+from experiments.grid.cell import last_error
+from experiments.grid.spec import GridSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = "this encoder fails on purpose"
@@ -61,8 +61,8 @@ def failing_grid(tmp_path: Path, **changes) -> Path:
 
 
 def test_a_failed_cell_quotes_its_error(tmp_path, monkeypatch):
-    from experiments.grid_progress import GridProgress
-    from experiments.grid_runner import CellFailed, run_cell
+    from experiments.grid.progress import GridProgress
+    from experiments.grid.runner import CellFailed, run_cell
 
     monkeypatch.chdir(ROOT)
     spec = GridSpec.load(failing_grid(tmp_path), output=tmp_path / "out")
@@ -95,7 +95,7 @@ def test_grid_with_baseline_and_a_failing_cell(tmp_path):
     done = yaml.safe_load((baseline / "done.json").read_text())
     assert done["kind"] == "baseline" and 0 <= done["metrics"]["recall@1"] <= 1 and 0 <= done["metrics_val"]["recall@1"] <= 1
 
-    from experiments.report import write_report
+    from experiments.grid.report import write_report
 
     text = (write_report(out) / "report.md").read_text()
     # No RetrievalReport here: the cells' final metrics are their last validation, and so is the baseline's row.

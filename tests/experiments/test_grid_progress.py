@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.grid_progress import estimate_eta, format_seconds
+from experiments.grid.progress import estimate_eta, format_seconds
 
 
 def test_eta_from_finished_cells():

@@ -93,7 +93,7 @@ def cell_processes(out: Path) -> list[int]:
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            if "experiments.fate_share" in cmdline and str(out) in cmdline and (proc / "stat").read_text().split()[2] != "Z":
+            if "experiments.grid.fate_share" in cmdline and str(out) in cmdline and (proc / "stat").read_text().split()[2] != "Z":
                 pids.append(int(proc.name))
         except (OSError, ValueError):
             continue
@@ -179,7 +179,7 @@ def test_sigkill_one_cell_then_the_whole_grid_then_resume(tmp_path):
     again = start_grid(path, out)
     log, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and "nothing to run" in log, log
-    from experiments.report import write_report
+    from experiments.grid.report import write_report
 
     report = write_report(out)
     text = (report / "report.md").read_text()

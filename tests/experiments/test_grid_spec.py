@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from experiments.cli import main
-from experiments.grid_cell import Cell
-from experiments.grid_spec import BASELINE_CALLBACKS, GRID_CALLBACKS, GridSpec
+from experiments.grid.cell import Cell
+from experiments.grid.spec import BASELINE_CALLBACKS, GRID_CALLBACKS, GridSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 GRIDS = sorted((ROOT / "experiments" / "grids").glob("*.yaml"))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from contracts.mined import Mined
+from experiments.callbacks.hardness_monitor import HardnessMonitor, pair_similarities, summarize
 from experiments.cli import main
-from experiments.hardness_monitor import HardnessMonitor, pair_similarities, summarize
-from miners.mined import Mined
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def test_records_the_mined_pairs_of_a_run(tmp_path, monkeypatch):
         f"--trainer.max_epochs={epochs}", f"--data.init_args.num_batches={batches}",
         "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.callbacks+=experiments.hardness_monitor.HardnessMonitor",
+        "--trainer.callbacks+=experiments.callbacks.HardnessMonitor",
         "--trainer.callbacks.init_args.bins=10",
     ]  # fmt: skip
     assert main(argv) == 0

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from datamodules import DigitsDataModule
-from experiments.head_warmup import HeadWarmup, head_parameters
+from experiments.callbacks.head_warmup import HeadWarmup, head_parameters
 from lightning_modules.metric_learning_module import MetricLearningModule
 from losses import ProxyAnchorLoss
 

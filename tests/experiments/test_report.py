@@ -8,11 +8,11 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from experiments import report_plots
+from experiments.grid import report_plots
 from experiments.atomic import atomic_write_json
 from experiments.cli import main
-from experiments.report import aggregate, baseline_table, curve_problems, layout, load_baseline, load_grid, write_report
-from experiments.run_folder import read_metrics_csv
+from experiments.grid.report import aggregate, baseline_table, curve_problems, layout, load_baseline, load_grid, write_report
+from experiments.grid.run_folder import read_metrics_csv
 
 # recall@1 per (miner, loss) and seed; None: the cell did not finish. (miner=ms, loss=x) is excluded.
 VALUES = {

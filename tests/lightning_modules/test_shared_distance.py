@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 
+from contracts.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from lightning_modules import MetricLearningModule
 from losses import (
-    CircleLoss, ContrastiveLoss, DistanceMismatchWarning, MultiSimilarityLoss, NTXentLoss, TripletMarginLoss,
+    CircleLoss, ContrastiveLoss, DistanceMismatchWarning, Metrix, MultiSimilarityLoss, NTXentLoss, TripletMarginLoss,
 )
-from losses.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from losses.shared_distance import same_order
 from miners import (
-    BatchEasyHardMiner, BatchHardMiner, CrossBatchMemory, DistanceWeightedMiner, HardNegativeTopKMiner, Metrix,
+    BatchEasyHardMiner, BatchHardMiner, CrossBatchMemory, DistanceWeightedMiner, HardNegativeTopKMiner,
     MultiSimilarityMiner, PairMarginMiner, TripletMarginMiner,
 )
 from tests.helpers import TinyEncoder

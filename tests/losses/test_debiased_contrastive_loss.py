@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from contracts.mined import Mined
+from contracts.relevance import all_pairs
 from losses import CosineSimilarity, DebiasedContrastiveLoss, LpDistance, NTXentLoss
-from miners.mined import Mined
-from miners.tuples import all_pairs
 
 
 def brute_force(emb, labels, temperature, tau_plus, mined=None, ref_emb=None, ref_labels=None, distance=None):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import losses
+from contracts.mined import Mined
 from losses import BaseLoss
-from miners.mined import Mined
 
 DIM, CLASSES = 8, 4
 REQUIRED = {"num_classes": CLASSES, "embedding_size": DIM}

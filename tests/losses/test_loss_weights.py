@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contracts.mined import Mined
+from contracts.relevance import all_pairs
 from losses import CircleLoss, ContrastiveLoss, CosineSimilarity, LpDistance, MultiSimilarityLoss, NTXentLoss, SupConLoss, TripletMarginLoss
-from miners.mined import Mined
-from miners.tuples import all_pairs
 
 
 def batch(seed: int, n: int = 9, dim: int = 4, classes: int = 3):

@@ -14,10 +14,11 @@ PM = oracle("pytorch_metric_learning.miners")
 PD = oracle("pytorch_metric_learning.distances")
 lmu = oracle("pytorch_metric_learning.utils.loss_and_miner_utils")
 
+from contracts.inputs import resolve_inputs  # noqa: E402
+from contracts.mined import Mined  # noqa: E402
+from contracts.relevance import all_pairs  # noqa: E402
 from losses import CosineSimilarity, LpDistance, MarginLoss  # noqa: E402
 from miners import DistanceWeightedMiner  # noqa: E402
-from miners.mined import Mined  # noqa: E402
-from miners.tuples import all_pairs, resolve_inputs  # noqa: E402
 
 RTOL, ATOL = 1e-6, 1e-10
 CLASSES = 4

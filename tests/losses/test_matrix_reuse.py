@@ -13,8 +13,8 @@ import torch
 
 import losses
 import miners
-from losses import distances as distances_module
-from losses.distances import CosineSimilarity, DotProductSimilarity, LpDistance, _sparse_if_mostly_zero
+from contracts import distances as distances_module
+from contracts.distances import CosineSimilarity, DotProductSimilarity, LpDistance, _sparse_if_mostly_zero
 from losses.pair_matrix import weighted_logsumexp
 from tests.helpers import random_batch
 

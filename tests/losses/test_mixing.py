@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contracts.relevance import all_pairs
 from losses import ContrastiveLoss, CosineSimilarity, MultiSimilarityLoss, NTXentLoss, ProxyAnchorLoss, TripletMarginLoss
 from losses.mixing import soft_class_targets
 from miners import Mined, MixSpec
-from miners.tuples import all_pairs
 
 D = 6
 

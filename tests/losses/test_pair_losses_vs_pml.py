@@ -25,7 +25,7 @@ from losses import (  # noqa: E402
     SupConLoss,
     TripletMarginLoss,
 )
-from miners.mined import Mined  # noqa: E402
+from contracts.mined import Mined  # noqa: E402
 
 RTOL, ATOL = 1e-6, 1e-10
 

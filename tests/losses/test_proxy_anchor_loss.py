@@ -11,8 +11,8 @@ P = oracle("pytorch_metric_learning.losses")
 PM = oracle("pytorch_metric_learning.miners")
 PD = oracle("pytorch_metric_learning.distances")
 
+from contracts.mined import Mined  # noqa: E402
 from losses import LpDistance, ProxyAnchorLoss  # noqa: E402
-from miners.mined import Mined  # noqa: E402
 
 C, D = 6, 8
 

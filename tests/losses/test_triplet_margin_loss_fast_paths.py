@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.relevance import all_triplets
 from losses import CosineSimilarity, LpDistance, TripletMarginLoss
-from miners.tuples import all_triplets
 
 
 def _plain(loss: TripletMarginLoss, emb, labels, a, p, n, w):

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from contracts.relevance import all_pairs
 from losses import TripletMarginLoss
 from miners import CrossBatchMemory
 from miners.memory import _drop_self_pairs
-from miners.tuples import all_pairs
 
 D, MEMORY, STEPS = 4, 20, 4
 SIZES = (5, 7)  # uneven batches per rank

@@ -151,7 +151,7 @@ def test_pair_losses_on_masks_equal_the_lists(loss, weighted: bool) -> None:
 
 
 def test_contrastive_without_mined_equals_all_pairs_listed() -> None:
-    from miners.tuples import all_pairs
+    from contracts.relevance import all_pairs
 
     g = torch.Generator().manual_seed(8)
     emb, labels = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)

@@ -204,7 +204,7 @@ def test_miner_with_memory_matches_manual_infonce():
 def test_set_epoch_callback_reaches_a_nested_mochi():
     from types import SimpleNamespace
 
-    from experiments.set_epoch import SetEpoch
+    from experiments.callbacks.set_epoch import SetEpoch
 
     mochi = MoCHi(n_hard=4, s=2, s_prime=2, warmup_epochs=3)
     holder = torch.nn.ModuleDict({"loss": CrossBatchMemory(NTXentLoss(), 4, 16, miner=MoCHiMiner(mochi))})

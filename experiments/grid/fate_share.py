@@ -1,4 +1,4 @@
-"""``python -m experiments.fate_share PARENT_PID ARGS...``: ``hardneg ARGS...`` that dies with its parent.
+"""``python -m experiments.grid.fate_share PARENT_PID ARGS...``: ``hardneg ARGS...`` that dies with its parent.
 
 The grid runs each cell as a ``hardneg fit`` child of a Ray worker. If the worker is killed
 (SIGKILL of the grid, Ray shutting down after its driver died), an orphaned cell would keep
@@ -34,7 +34,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv or not argv[0].isdigit():
-        print("usage: python -m experiments.fate_share PARENT_PID HARDNEG_ARGS...", file=sys.stderr)
+        print("usage: python -m experiments.grid.fate_share PARENT_PID HARDNEG_ARGS...", file=sys.stderr)
         return 2
     parent = int(argv[0])
     if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RANK_ZERO_PID):

@@ -17,10 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to compute in: float32 for half inputs (CPU kernels, exp and squares overflow in fp16), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from contracts.dtypes import work_dtype
 
 
 def _tensor_key(t: Tensor) -> tuple:

@@ -1,4 +1,4 @@
-"""Shared helpers for miners and losses: input checks, label masks, and the "all valid tuples" sets."""
+"""What every miner and loss checks first: embeddings, labels and the optional reference set (``Inputs``)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-from miners.mined import Mined
 
 
 class Inputs(NamedTuple):
@@ -61,27 +59,3 @@ def _describe(x: object) -> str:
     if isinstance(x, Tensor):
         return f"{x.dtype} tensor of shape {tuple(x.shape)}"
     return type(x).__name__
-
-
-def label_masks(labels: Tensor, ref_labels: Tensor, same_set: bool) -> tuple[Tensor, Tensor]:
-    """Boolean ``[B, M]`` masks of positives (same label, not the row itself) and negatives (other label)."""
-    same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
-    pos = same.clone()
-    if same_set:
-        pos.fill_diagonal_(False)
-    return pos, ~same
-
-
-def all_pairs(labels: Tensor, ref_labels: Tensor, same_set: bool) -> Mined:
-    """Every positive and every negative pair (the default when a loss gets ``mined=None``)."""
-    pos, neg = label_masks(labels, ref_labels, same_set)
-    a1, p = torch.where(pos)
-    a2, n = torch.where(neg)
-    return Mined.from_pairs(a1, p, a2, n)
-
-
-def all_triplets(labels: Tensor, ref_labels: Tensor, same_set: bool) -> Mined:
-    """Every triplet ``(a, p, n)`` with ``label[a] == ref_label[p] != ref_label[n]`` and ``p != a``."""
-    pos, neg = label_masks(labels, ref_labels, same_set)
-    a, p, n = torch.where(pos.unsqueeze(2) & neg.unsqueeze(1))
-    return Mined.from_triplets(a, p, n)

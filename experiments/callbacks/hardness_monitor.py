@@ -16,10 +16,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from contracts.mined import Mined
+from contracts.relevance import all_pairs
 from experiments.atomic import atomic_write_json
-from experiments.callbacks import rank_log_dir
-from miners.mined import Mined
-from miners.tuples import all_pairs
+from experiments.callbacks.rank_log_dir import rank_log_dir
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

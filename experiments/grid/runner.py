@@ -11,7 +11,7 @@ Exactly once, across crashes:
 
 - the cell holds an exclusive ``flock`` on ``<cell>/.lock`` for as long as its ``hardneg fit``
   child lives (the child inherits the descriptor), so a rerun cannot start a cell that an orphan
-  still runs; the child dies with the worker (``experiments.fate_share``);
+  still runs; the child dies with the worker (``experiments.grid.fate_share``);
 - a cell with ``done.json`` is finished and never started again; ``done.json`` is written
   atomically after the child exited with status 0;
 - a cell killed after its first checkpoint resumes from ``checkpoints/last.ckpt``
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from experiments.atomic import atomic_write_json
-from experiments.grid_cell import Cell
-from experiments.run_folder import final_metrics, last_logged, read_metrics_csv
+from experiments.grid.cell import Cell
+from experiments.grid.run_folder import final_metrics, last_logged, read_metrics_csv
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class CellFailed(RuntimeError):
@@ -167,7 +167,7 @@ def run_cell(
             log.write("hardneg " + " ".join(argv) + "\n")
             log.flush()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "experiments.fate_share", str(os.getpid()), *argv],
+                [sys.executable, "-m", "experiments.grid.fate_share", str(os.getpid()), *argv],
                 cwd=cwd,
                 env=cell_env(cwd, threads),
                 stdin=subprocess.DEVNULL,

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses import ContrastiveLoss, MultiSimilarityLoss, ProxyAnchorLoss, TripletMarginLoss
-from miners import Metrix, Mined, MultiSimilarityMiner
+from losses import ContrastiveLoss, Metrix, MultiSimilarityLoss, ProxyAnchorLoss, TripletMarginLoss
+from miners import Mined, MultiSimilarityMiner
 from tests.helpers import TinyEncoder
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from experiments.atomic import atomic_write_json
-from experiments.grid_spec import GridSpec
+from experiments.grid.spec import GridSpec
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -100,8 +100,8 @@ def run(spec: GridSpec, args: argparse.Namespace) -> int:
     import ray
     from ray import tune
 
-    from experiments.grid_progress import GridProgress, format_seconds
-    from experiments.grid_runner import PROJECT_ROOT, ray_trainable
+    from experiments.grid.progress import GridProgress, format_seconds
+    from experiments.grid.runner import PROJECT_ROOT, ray_trainable
 
     cwd = Path.cwd()
     pythonpath = os.pathsep.join(dict.fromkeys([str(PROJECT_ROOT), str(cwd), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 
 from experiments.atomic import atomic_write_json
-from experiments.callbacks import rank_log_dir
+from experiments.callbacks.rank_log_dir import rank_log_dir
 
 
 class ProgressFile(L.Callback):

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from miners.mix_spec import MixSpec  # noqa: F401  (part of the contract; re-exported)
+from contracts.mix_spec import MixSpec
 
 
 class Pairs(NamedTuple):
@@ -149,7 +149,7 @@ class Mined:
             once): ``[B, M]``, bool (mined or not) or float (the pair's weight, 0 = not mined).
         triplet_mask: the dense form of ``triplets`` (``TripletMask``; not both forms at once).
         mix: synthetic points to add (see ``MixSpec``).
-        matrices: distance matrices the miner computed (``losses.distances.ComputedMatrix``); a loss
+        matrices: distance matrices the miner computed (``contracts.distances.ComputedMatrix``); a loss
             with the same distance on the same embeddings reuses them instead of recomputing.
             ``BaseMiner`` fills it; not part of the tuples (ignored by ``==`` and ``repr``).
     """

@@ -9,7 +9,7 @@ Writes into ``GRID_DIR/report/``:
 - ``report.csv``: one row per combination: ``run`` (``trained``, or ``untrained`` for the
   baseline), the axes, ``n`` (seeds finished), ``<metric>_mean`` and ``<metric>_std`` for every
   metric; ``cells.csv``: one row per finished cell and baseline job;
-- PNGs (``experiments.report_plots``): the metric per combination with error bars, training curves
+- PNGs (``experiments.grid.report_plots``): the metric per combination with error bars, training curves
   (loss and validation metric), and the hardness of the mined pairs over training per run; the
   untrained baseline is a dashed horizontal line on the metric plot and the validation curves.
 
@@ -35,8 +35,8 @@ import pandas as pd
 import yaml
 
 from experiments.atomic import atomic_write_text
-from experiments.grid_cell import Cell
-from experiments.run_folder import read_metrics_csv
+from experiments.grid.cell import Cell
+from experiments.grid.run_folder import read_metrics_csv
 
 PLUS_MINUS = "±"
 TIMES = ("seconds", "cpu_seconds")  # wall and CPU seconds of a cell's last attempt
@@ -352,7 +352,7 @@ def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str]
     atomic_write_text(out / "report.csv", with_baseline(agg, baseline_agg).to_csv(index=False))
     atomic_write_text(out / "cells.csv", with_baseline(frame, baseline_frame).to_csv(index=False))
     if plots:
-        from experiments import report_plots
+        from experiments.grid import report_plots
 
         baseline = report_plots.Baseline(baseline_agg, baseline_axes) if baseline_agg is not None else None
         report_plots.write_plots(out, grid, cells, frame, agg, metric, row_axes, col_axis, baseline=baseline)

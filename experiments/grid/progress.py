@@ -14,7 +14,7 @@ from typing import Any
 
 from ray import tune
 
-from experiments.grid_cell import Cell
+from experiments.grid.cell import Cell
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -1,56 +1,14 @@
-"""Lightning callbacks every run uses: atomic checkpoints and the before/after retrieval report.
-
-Under DDP every hook runs on every rank, and a collective (``trainer.log_dir``, ``barrier``,
-``broadcast``, a torchmetrics ``compute``) must run on all of them or the run hangs or dies: files are
-written on rank 0 only, into ``rank_log_dir(trainer)``, which is ``trainer.log_dir`` without its
-broadcast.
-"""
+"""``RetrievalReport``: test-set retrieval metrics of the untrained and the trained encoder, printed and saved."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from experiments.atomic import atomic_write_json
-
-
-def rank_log_dir(trainer: L.Trainer) -> str | None:
-    """``trainer.log_dir`` computed on this rank alone, without the broadcast ``Trainer.log_dir`` does.
-
-    ``trainer.log_dir`` is a collective: read on rank 0 only (inside ``if trainer.is_global_zero``)
-    it waits for the other ranks forever or fails when they exit. On rank 0 this is the same folder.
-    """
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
-    return trainer.default_root_dir
-
-
-class AtomicModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose files are written to a temporary name and renamed into place.
-
-    Lightning writes checkpoints in place; a SIGKILL during the write leaves a truncated
-    ``last.ckpt`` and the run cannot resume. Here the rename makes each checkpoint appear whole or not
-    at all.
-    """
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        folder, name = os.path.split(filepath)
-        tmp = os.path.join(folder, f".{name}.partial")
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero and os.path.exists(tmp):
-            os.replace(tmp, filepath)
-        trainer.strategy.barrier("AtomicModelCheckpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
+from experiments.callbacks.rank_log_dir import rank_log_dir
 
 
 class RetrievalReport(L.Callback):

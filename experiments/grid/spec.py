@@ -48,18 +48,18 @@ from typing import Any
 
 import yaml
 
-from experiments.grid_cell import Cell
+from experiments.grid.cell import Cell
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"name", "output", "base", "axes", "seeds", "seed_keys", "exclude", "overrides", "baseline"}
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Appended to every cell after its entries: the hardness diagnostic of the report and the progress
 # the grid shows. Do not configure them in a grid's configs too (Lightning refuses two stateful
 # callbacks of one class).
-GRID_CALLBACKS = ("experiments.hardness_monitor.HardnessMonitor", "experiments.progress_file.ProgressFile")
+GRID_CALLBACKS = ("experiments.callbacks.HardnessMonitor", "experiments.callbacks.ProgressFile")
 # Appended to every baseline job (``hardneg test``): writes its test and validation metrics.
-BASELINE_CALLBACKS = ("experiments.untrained_baseline.UntrainedBaseline",)
+BASELINE_CALLBACKS = ("experiments.callbacks.UntrainedBaseline",)
 
 
 def _sanitize(text: str) -> str:

@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from experiments.atomic import atomic_write  # noqa: E402
-from experiments.grid_cell import Cell  # noqa: E402
-from experiments.run_folder import read_metrics_csv  # noqa: E402
+from experiments.grid.cell import Cell  # noqa: E402
+from experiments.grid.run_folder import read_metrics_csv  # noqa: E402
 
 AP_COLOR, AN_COLOR = "tab:blue", "tab:red"
 BASELINE_COLOR = "0.35"

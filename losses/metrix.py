@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from losses.distances import BaseDistance, LpDistance
-from miners.mined import Mined, MixSpec
-from miners.tuples import all_pairs
+from contracts.distances import BaseDistance, LpDistance
+from contracts.mined import Mined
+from contracts.mix_spec import MixSpec
+from contracts.relevance import all_pairs
 
 
 class Metrix(nn.Module):

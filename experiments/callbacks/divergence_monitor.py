@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from experiments.hardness_monitor import pair_similarities
+from experiments.callbacks.hardness_monitor import pair_similarities
 
 
 class DivergenceError(RuntimeError):
