@@ -14,7 +14,11 @@ from losses.reducers import BaseReducer, LossPart, reduce_parts
 class BaseLoss(nn.Module):
     """A loss over embeddings, optionally restricted to mined tuples.
 
-    ``loss(emb, labels, mined=None, ref_emb=None, ref_labels=None)`` returns a scalar tensor.
+    ``loss(emb, labels, mined=None, ref_emb=None, ref_labels=None, *, pos_mask=None, ignore_mask=None)``
+    returns a scalar tensor. Relevance is ``labels`` (the shorthand) or ``pos_mask: [B, M]`` bool in
+    their place, with an optional ``ignore_mask: [B, M]`` of pairs that are neither positive nor
+    negative (``contracts.inputs.resolve_inputs``); ``compute_loss`` reads the masks through
+    ``contracts.relevance`` and so works with both.
     ``mined=None`` means every valid tuple; a ``Mined`` (or a pytorch-metric-learning indices
     tuple) restricts the loss to those tuples and supplies per-tuple weights. Subclasses implement
     ``compute_loss(inputs, mined)`` and convert ``mined`` with ``mined.as_pairs()`` /
@@ -26,6 +30,8 @@ class BaseLoss(nn.Module):
     incompatible pairing fails loudly instead of silently ignoring part of the input):
         supports_ref_emb: False for losses that cannot use a separate reference set (proxies).
         accepts_mix: True for losses that use the synthetic points of ``Mined.mix`` (see ``apply_mix``).
+        needs_class_labels: why the loss needs class ids (proxies or parameters per class), or None;
+            such a loss refuses ``pos_mask`` without labels with that reason.
 
     Reduction (``losses.reducers``): ``reducer=None`` reduces as the loss's pytorch-metric-learning
     counterpart does by default, on the loss's own fused path. A reducer (``MeanReducer``,
@@ -41,6 +47,7 @@ class BaseLoss(nn.Module):
 
     supports_ref_emb: bool = True
     accepts_mix: bool = False
+    needs_class_labels: str | None = None
 
     def __init__(self, distance: BaseDistance | None = None, reducer: BaseReducer | None = None) -> None:
         super().__init__()
@@ -63,12 +70,18 @@ class BaseLoss(nn.Module):
     def forward(
         self,
         emb: Tensor,
-        labels: Tensor,
+        labels: Tensor | None = None,
         mined: Mined | tuple | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        pos_mask: Tensor | None = None,
+        ignore_mask: Tensor | None = None,
     ) -> Tensor:
-        inputs = resolve_inputs(emb, labels, ref_emb, ref_labels, who=type(self).__name__)
+        who = type(self).__name__
+        if labels is None and pos_mask is not None and self.needs_class_labels:
+            raise ValueError(f"{who} needs class labels, not pos_mask: {self.needs_class_labels}")
+        inputs = resolve_inputs(emb, labels, ref_emb, ref_labels, who=who, pos_mask=pos_mask, ignore_mask=ignore_mask)
         if mined is not None and not isinstance(mined, Mined):
             mined = Mined.from_tuple(tuple(mined))
         if not inputs.same_set and not self.supports_ref_emb:

@@ -13,7 +13,7 @@ from contracts.dtypes import work_dtype
 from contracts.inputs import Inputs
 from contracts.mined import check_weights
 from contracts.mined import Mined
-from contracts.relevance import label_masks
+from contracts.relevance import relevance_masks
 from losses.base_loss import BaseLoss
 from losses.pair_matrix import mined_pairs
 
@@ -113,6 +113,10 @@ class MarginLoss(BaseLoss):
     def per_class(self) -> bool:
         return self.beta.numel() > 1
 
+    @property
+    def needs_class_labels(self) -> str | None:  # BaseLoss: refuses pos_mask without labels
+        return "num_classes gives one beta per class, indexed by the labels; use num_classes=None for a shared beta" if self.per_class else None
+
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
         self._check_labels(inputs.labels)
         tp = self._triplet_pairs(inputs, mined)
@@ -196,7 +200,7 @@ class MarginLoss(BaseLoss):
 
     def _random_triplets(self, inputs: Inputs) -> Mined:
         """``triplets_per_anchor`` random triplets for every anchor that has a positive and a negative."""
-        pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+        pos, neg = relevance_masks(inputs)
         anchors = torch.where(pos.any(dim=1) & neg.any(dim=1))[0]
         k = self.triplets_per_anchor
         if len(anchors) == 0:

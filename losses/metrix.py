@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from contracts.distances import BaseDistance, LpDistance
 from contracts.mined import Mined
 from contracts.mix_spec import MixSpec
-from contracts.relevance import all_pairs
+from contracts.inputs import resolve_inputs
+from contracts.relevance import valid_pairs
 
 
 class Metrix(nn.Module):
@@ -100,19 +101,31 @@ class Metrix(nn.Module):
             return encoder.forward_head(features), features
         return encoder(x), (x if self.mode == "input" else None)
 
-    def forward(self, encoder: nn.Module, state: Any, emb: Tensor, labels: Tensor, loss: nn.Module) -> Tensor:
+    def forward(
+        self, encoder: nn.Module, state: Any, emb: Tensor, labels: Tensor | None, loss: nn.Module,
+        *, pos_mask: Tensor | None = None, ignore_mask: Tensor | None = None,
+    ) -> Tensor:
         """``w * L_mix`` with ``lambda ~ Beta(alpha, alpha)`` (0, with graph, if nothing to mix)."""
         lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
-        return self.mixed_loss(encoder, state, emb, labels, loss, lam)
+        return self.mixed_loss(encoder, state, emb, labels, loss, lam, pos_mask=pos_mask, ignore_mask=ignore_mask)
 
-    def mixed_loss(self, encoder: nn.Module, state: Any, emb: Tensor, labels: Tensor, loss: nn.Module, lam: float) -> Tensor:
-        """``w * L_mix`` for a given ``lambda``: ``emb: [B, D]`` clean embeddings, ``labels: [B]``, ``state`` from ``embed``."""
+    def mixed_loss(
+        self, encoder: nn.Module, state: Any, emb: Tensor, labels: Tensor | None, loss: nn.Module, lam: float,
+        *, pos_mask: Tensor | None = None, ignore_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``w * L_mix`` for a given ``lambda``: ``emb: [B, D]`` clean embeddings, ``labels: [B]``, ``state`` from ``embed``.
+
+        Relevance as masks: ``labels=None`` with ``pos_mask: [B, B]`` (and/or ``ignore_mask: [B, B]``),
+        as for any loss; the soft labels are per-pair weights, so no class ids are needed (a loss over
+        classes, ``ProxyAnchorLoss``, still needs labels).
+        """
         if not getattr(loss, "accepts_mix", False):
             raise TypeError(
                 f"Metrix needs a loss that takes a Mined.mix (accepts_mix = True: ContrastiveLoss, MultiSimilarityLoss, "
                 f"ProxyAnchorLoss, NTXentLoss); got {type(loss).__name__}"
             )
-        anchors, first, second = self.select(emb.detach(), labels)
+        relevance = {k: v for k, v in (("pos_mask", pos_mask), ("ignore_mask", ignore_mask)) if v is not None}
+        anchors, first, second = self.select(emb.detach(), labels, **relevance)
         if len(anchors) == 0 or self.w == 0:
             return emb.sum() * 0
         coeff = torch.full((len(anchors),), lam, dtype=torch.float64, device=emb.device)
@@ -125,13 +138,19 @@ class Metrix(nn.Module):
             anchors=anchors, first=first, second=second, coeff=coeff, pos_weight=coeff,
             first_source="query", second_source="query", normalize=False, detach=False, points=points,
         )
-        return self.w * loss(emb, labels, Mined(mix=spec))
+        return self.w * loss(emb, labels, Mined(mix=spec), **relevance)
 
     # --------------------------------------------------------------------------- pairs
     @torch.no_grad()
-    def select(self, emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(anchors, first, second)`` row indices ``[M]`` of this step's mixes (``first`` is the positive or the anchor)."""
-        mined = self.miner(emb, labels) if self.miner is not None else all_pairs(labels, labels, same_set=True)
+    def select(self, emb: Tensor, labels: Tensor | None, **relevance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(anchors, first, second)`` row indices ``[M]`` of this step's mixes (``first`` is the positive or the anchor).
+
+        ``relevance``: ``pos_mask`` / ``ignore_mask`` (``[B, B]`` bool), as for a miner.
+        """
+        if self.miner is not None:
+            mined = self.miner(emb, labels, **relevance)
+        else:
+            mined = valid_pairs(resolve_inputs(emb, labels, who="Metrix", **relevance))
         if not isinstance(mined, Mined):
             mined = Mined.from_tuple(tuple(mined))
         a1, p, a2, n = mined.as_pairs()[:4]

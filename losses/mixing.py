@@ -38,8 +38,9 @@ def append_mix_pairs(inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:
     Each point is appended once per role (a positive copy, then a negative copy), so a loss that
     requires every pair to be either positive or negative (multi-similarity) accepts it. The
     existing tuples of ``mined`` are kept, as pairs. Positive copies carry their anchor's label,
-    negative copies a fresh label no other row has. Points carry gradient unless the spec says
-    ``detach``.
+    negative copies a fresh label no other row has; with relevance masks, a positive copy is a
+    positive of its anchor only (neither for the other rows) and a negative copy a negative of every
+    row. Points carry gradient unless the spec says ``detach``.
 
     Returns the new inputs (never ``same_set``: the reference set is ``ref_emb`` plus the copies)
     and a ``Mined`` of pairs with weights and no ``mix``.
@@ -52,11 +53,22 @@ def append_mix_pairs(inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:
     as_pos = torch.nonzero(w > 0).flatten()
     as_neg = torch.nonzero(w < 1).flatten()
     n_ref, n_pos = len(inputs.ref_emb), len(as_pos)
-    known = torch.cat([inputs.labels, inputs.ref_labels.to(inputs.labels.device)])
-    fresh = int(known.max()) + 1 if len(known) else 0
     ref_emb = torch.cat([inputs.ref_emb, points[as_pos], points[as_neg]])
-    new_labels = [inputs.labels[spec.anchors[as_pos]], fresh + torch.arange(len(as_neg), device=known.device)]
-    ref_labels = torch.cat([inputs.ref_labels.to(known.device), *new_labels])
+    ref_labels = None
+    if inputs.labels is not None:
+        known = torch.cat([inputs.labels, inputs.ref_labels.to(inputs.labels.device)])
+        fresh = int(known.max()) + 1 if len(known) else 0
+        new_labels = [inputs.labels[spec.anchors[as_pos]], fresh + torch.arange(len(as_neg), device=known.device)]
+        ref_labels = torch.cat([inputs.ref_labels.to(known.device), *new_labels])
+    pos_mask = neg_mask = None
+    if inputs.pos_mask is not None:
+        b = len(inputs.emb)
+        rows = torch.arange(b, device=inputs.pos_mask.device).unsqueeze(1)
+        copy_pos = rows == spec.anchors[as_pos].to(rows.device).unsqueeze(0)  # [B, n_pos]: its anchor only
+        none = torch.zeros_like(copy_pos)
+        every = torch.ones((b, len(as_neg)), dtype=torch.bool, device=rows.device)
+        pos_mask = torch.cat([inputs.pos_mask, copy_pos, ~every], dim=1)
+        neg_mask = torch.cat([inputs.neg_mask, none, every], dim=1)
 
     a1, p, a2, n, pw, nw = mined.as_pairs()
     device = spec.anchors.device
@@ -66,7 +78,7 @@ def append_mix_pairs(inputs: Inputs, mined: Mined) -> tuple[Inputs, Mined]:
     p = torch.cat([p.to(device), n_ref + torch.arange(n_pos, device=device)])
     a2 = torch.cat([a2.to(device), spec.anchors[as_neg]])
     n = torch.cat([n.to(device), n_ref + n_pos + torch.arange(len(as_neg), device=device)])
-    out = Inputs(inputs.emb, inputs.labels, ref_emb, ref_labels, False)
+    out = Inputs(inputs.emb, inputs.labels, ref_emb, ref_labels, False, pos_mask, neg_mask)
     return out, Mined.from_pairs(a1, p, a2, n, pos_weights=pw, neg_weights=nw)
 
 

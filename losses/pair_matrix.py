@@ -19,14 +19,14 @@ from contracts.distances import BaseDistance
 from contracts.dtypes import work_dtype
 from contracts.inputs import Inputs
 from contracts.mined import Mined, Pairs, check_weights, pair_weight_matrix
-from contracts.relevance import all_pairs, label_masks
+from contracts.relevance import relevance_masks, valid_pairs
 
 
 def mined_pairs(inputs: Inputs, mined: Mined | None) -> Pairs:
     """The pairs a pair-based loss works on: every valid pair when ``mined`` is None, else the mined
     ones (triplets become their two pairs); per-pair weights checked to be finite and >= 0."""
     if mined is None:
-        mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
+        mined = valid_pairs(inputs)
     pairs = mined.as_pairs()
     check_weights(pairs.pos_weights, "pos_weights")
     check_weights(pairs.neg_weights, "neg_weights")
@@ -66,12 +66,12 @@ def listed_distances(distance: BaseDistance, inputs: Inputs, *pairs: tuple[Tenso
 def mined_pair_matrices(inputs: Inputs, mined: Mined | None, dtype: torch.dtype, accumulate: bool = False) -> tuple[Tensor, Tensor]:
     """Dense ``[B, M]`` weights ``(pos_w, neg_w)`` of the pairs a matrix-based loss works on.
 
-    Every valid pair (bool label masks) when ``mined`` is None, else ``mined.pair_matrices`` (masks
+    Every valid pair (bool relevance masks) when ``mined`` is None, else ``mined.pair_matrices`` (masks
     as they are, pair lists scattered; see there for ``accumulate``). Bool matrices mean weight 1.
     Listed weights are checked to be finite and >= 0 (``Mined.validate`` checks float masks).
     """
     if mined is None:
-        return label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+        return relevance_masks(inputs)
     if not mined.has_masks:
         pairs = mined.as_pairs()
         check_weights(pairs.pos_weights, "pos_weights")

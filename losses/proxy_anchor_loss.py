@@ -11,6 +11,7 @@ from contracts.dtypes import work_dtype
 from contracts.inputs import Inputs
 from contracts.mined import check_weights
 from contracts.mined import Mined
+from contracts.relevance import label_masks
 from losses.base_loss import BaseLoss
 from losses.mixing import soft_class_targets
 from losses.pair_matrix import log1p_sum, weighted_logsumexp
@@ -57,6 +58,7 @@ class ProxyAnchorLoss(BaseLoss):
 
     supports_ref_emb = False
     accepts_mix = True
+    needs_class_labels = "its proxies are one per class, and labels say which proxy is each row's positive"
 
     def __init__(
         self,
@@ -82,6 +84,8 @@ class ProxyAnchorLoss(BaseLoss):
         who = type(self).__name__
         if not inputs.same_set:
             raise ValueError(f"{who} does not take ref_emb/ref_labels: its proxies are the reference set")
+        if inputs.pos_mask is not None and _ignores_pairs(inputs):
+            raise ValueError(f"{who} does not take an ignore_mask that ignores pairs: it compares rows with class proxies, not with other rows")
         if emb.shape[1] != self.embedding_size:
             raise ValueError(f"{who}: embeddings have dimension {emb.shape[1]}; expected embedding_size={self.embedding_size}")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
@@ -148,3 +152,9 @@ class ProxyAnchorLoss(BaseLoss):
         if len(index) == 0 or float(top) <= 0:
             return None
         return counts / top - 1
+
+
+def _ignores_pairs(inputs: Inputs) -> bool:
+    """Whether the masks of ``inputs`` (labels + ``ignore_mask``) differ from those of the labels alone."""
+    pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+    return not (torch.equal(pos, inputs.pos_mask) and torch.equal(neg, inputs.neg_mask))

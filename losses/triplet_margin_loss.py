@@ -11,7 +11,7 @@ from contracts.dtypes import work_dtype
 from contracts.inputs import Inputs
 from contracts.mined import check_weights
 from contracts.mined import Mined
-from contracts.relevance import all_triplets
+from contracts.relevance import valid_triplets
 from losses.base_loss import BaseLoss
 from losses.pair_matrix import any_mined, few_tuples, listed_distances
 from losses.reducers import BaseReducer, LossPart, mean_nonzero, weighted
@@ -50,7 +50,7 @@ class TripletMarginLoss(BaseLoss):
 
     def compute_loss(self, inputs: Inputs, mined: Mined | None) -> Tensor:
         if mined is None:
-            mined = all_triplets(inputs.labels, inputs.ref_labels, inputs.same_set)
+            mined = valid_triplets(inputs)
         if mined.triplet_mask is not None:
             return self._masked_loss(inputs, *mined.triplet_mask)
         a, p, n, w = mined.as_triplets()
@@ -75,7 +75,7 @@ class TripletMarginLoss(BaseLoss):
     def tuple_losses(self, inputs: Inputs, mined: Mined | None) -> dict[str, LossPart]:
         """One loss per listed triplet (dense forms listed), weighted: PML's ``"triplet"`` reduction type."""
         if mined is None:
-            mined = all_triplets(inputs.labels, inputs.ref_labels, inputs.same_set)
+            mined = valid_triplets(inputs)
         a, p, n, w = mined.as_triplets()
         check_weights(w, "triplet_weights")
         mat = self.distance(inputs.emb, inputs.ref_emb)

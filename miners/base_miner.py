@@ -50,19 +50,26 @@ class BaseMiner(nn.Module):
     def forward(
         self,
         emb: Tensor,
-        labels: Tensor,
+        labels: Tensor | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        pos_mask: Tensor | None = None,
+        ignore_mask: Tensor | None = None,
     ) -> Mined:
-        """``emb: [B, D]``, ``labels: [B]``; optional reference set ``ref_emb: [M, D]``, ``ref_labels: [M]``."""
-        inputs = resolve_inputs(emb, labels, ref_emb, ref_labels, who=type(self).__name__)
+        """``emb: [B, D]``, ``labels: [B]``; optional reference set ``ref_emb: [M, D]``, ``ref_labels: [M]``.
+
+        Instead of labels, ``pos_mask: [B, M]`` bool (``M = len(ref_emb)``, or ``B``) says which pairs
+        are positive; ``ignore_mask: [B, M]`` bool (with either form) marks pairs that are neither
+        positive nor negative (known false negatives). See ``contracts.inputs.resolve_inputs``.
+        """
+        inputs = resolve_inputs(
+            emb, labels, ref_emb, ref_labels, who=type(self).__name__, pos_mask=pos_mask, ignore_mask=ignore_mask
+        )
         with torch.no_grad(), self.distance.recording() as matrices:
-            detached = Inputs(
-                inputs.emb.detach(),
-                inputs.labels,
-                inputs.emb.detach() if inputs.same_set else inputs.ref_emb.detach(),
-                inputs.ref_labels,
-                inputs.same_set,
+            detached = inputs._replace(
+                emb=inputs.emb.detach(),
+                ref_emb=inputs.emb.detach() if inputs.same_set else inputs.ref_emb.detach(),
             )
             mined = self.mine(detached)
         if not isinstance(mined, Mined):

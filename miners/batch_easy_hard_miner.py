@@ -10,7 +10,7 @@ from torch import Tensor
 from contracts.distances import BaseDistance
 from contracts.inputs import Inputs
 from contracts.mined import Mined
-from contracts.relevance import label_masks
+from contracts.relevance import relevance_masks
 from miners.base_miner import BaseMiner
 from miners.masked_reductions import closest_largest, masked_extreme
 
@@ -74,7 +74,7 @@ class BatchEasyHardMiner(BaseMiner):
 
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
-        pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+        pos, neg = relevance_masks(inputs)
         pick_pos = self.pos_strategy != self.ALL
         pick_neg = self.neg_strategy != self.ALL
         if self.pos_strategy == self.SEMIHARD:

@@ -7,7 +7,8 @@ import torch
 from contracts.inputs import Inputs
 from contracts.mined import Mined
 from miners.base_miner import BaseMiner
-from miners.masked_reductions import closest_largest, extreme_outside, outside_masks, same_label_counts
+from contracts.relevance import has_pos_and_neg, outside_masks
+from miners.masked_reductions import closest_largest, extreme_outside
 
 
 class BatchHardMiner(BaseMiner):
@@ -25,11 +26,10 @@ class BatchHardMiner(BaseMiner):
 
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
-        not_pos, not_neg = outside_masks(inputs.labels, inputs.ref_labels, inputs.same_set, mat.dtype)
+        not_pos, not_neg = outside_masks(inputs, mat.dtype)
         near_is_large = closest_largest(self.distance)
         _, p, _ = extreme_outside(mat, not_pos, largest=not near_is_large, consume=True, want_any=False)
         _, n, _ = extreme_outside(mat, not_neg, largest=near_is_large, consume=True, want_any=False)
-        same = same_label_counts(inputs.labels, inputs.ref_labels)
-        keep = (same > int(inputs.same_set)) & (same < len(inputs.ref_labels))  # has a positive and a negative
+        keep = has_pos_and_neg(inputs)
         a = torch.arange(len(mat), device=mat.device)[keep]
         return Mined.from_triplets(a, p[keep], n[keep])

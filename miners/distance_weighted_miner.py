@@ -11,7 +11,7 @@ from contracts.distances import BaseDistance, LpDistance
 from contracts.dtypes import work_dtype
 from contracts.inputs import Inputs, resolve_inputs
 from contracts.mined import Mined
-from contracts.relevance import label_masks
+from contracts.relevance import relevance_masks
 from miners.base_miner import BaseMiner
 
 
@@ -55,23 +55,34 @@ class DistanceWeightedMiner(BaseMiner):
             raise ValueError(f"DistanceWeightedMiner needs LpDistance(p=2, power=1, normalize_embeddings=True); got {d!r}")
 
     def negative_probabilities(
-        self, emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None
+        self,
+        emb: Tensor,
+        labels: Optional[Tensor] = None,
+        ref_emb: Optional[Tensor] = None,
+        ref_labels: Optional[Tensor] = None,
+        *,
+        pos_mask: Optional[Tensor] = None,
+        ignore_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """``[B, M]``: row ``a`` is the distribution from which ``a``'s negatives are drawn.
 
         ``emb: [B, D]``, ``labels: [B]``, optional ``ref_emb: [M, D]``, ``ref_labels: [M]``. Rows with no
         admissible negative are NaN (0/0), as in pytorch-metric-learning; the miner skips them.
+        ``pos_mask`` / ``ignore_mask`` as for ``forward``.
         """
-        inputs = resolve_inputs(emb, labels, ref_emb, ref_labels, who=type(self).__name__)
+        inputs = resolve_inputs(
+            emb, labels, ref_emb, ref_labels, who=type(self).__name__, pos_mask=pos_mask, ignore_mask=ignore_mask
+        )
         with torch.no_grad():
             return self._probabilities(inputs)
 
-    def _probabilities(self, inputs: Inputs) -> Tensor:
+    def _probabilities(self, inputs: Inputs, neg: Optional[Tensor] = None) -> Tensor:
+        """``neg``: the bool ``[B, M]`` negatives (``relevance_masks``), when the caller has them already."""
         dim = float(inputs.emb.shape[1])
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb).clamp(min=self.cutoff)
         log_w = (2.0 - dim) * torch.log(mat) - ((dim - 3) / 2) * torch.log(1.0 - 0.25 * mat**2.0)
         invalid = ~torch.isfinite(log_w)
-        other = (inputs.labels.unsqueeze(1) != inputs.ref_labels.unsqueeze(0)).to(mat.dtype)
+        other = (relevance_masks(inputs)[1] if neg is None else neg).to(mat.dtype)
         log_w = log_w * other  # same-class entries become 0 (NaN where infinite), as in PML
         finite = log_w[~invalid]
         shift = finite.max() if finite.numel() else torch.zeros((), dtype=mat.dtype, device=mat.device)
@@ -80,8 +91,8 @@ class DistanceWeightedMiner(BaseMiner):
         return w / w.sum(dim=1, keepdim=True)
 
     def mine(self, inputs: Inputs) -> Mined:
-        probs = self._probabilities(inputs)
-        pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+        pos, neg = relevance_masks(inputs)
+        probs = self._probabilities(inputs, neg)
         k = pos.sum(dim=1) + int(inputs.same_set)  # reference points with the anchor's label
         row_sum = probs.sum(dim=1)
         ok = pos.any(dim=1) & neg.any(dim=1) & (row_sum > 0)  # NaN rows compare False

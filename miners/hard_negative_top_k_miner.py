@@ -10,7 +10,7 @@ from torch import Tensor
 from contracts.distances import BaseDistance
 from contracts.inputs import Inputs
 from contracts.mined import Mined
-from contracts.relevance import label_masks
+from contracts.relevance import relevance_masks
 from miners.base_miner import BaseMiner
 from miners.masked_reductions import closest_largest, masked_extreme, push_outside
 
@@ -52,7 +52,7 @@ class HardNegativeTopKMiner(BaseMiner):
 
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
-        pos, neg = label_masks(inputs.labels, inputs.ref_labels, inputs.same_set)
+        pos, neg = relevance_masks(inputs)
         near_is_large = closest_largest(self.distance)
         candidates = neg
         if self.margin is not None:

@@ -16,28 +16,6 @@ from torch import Tensor
 from contracts.distances import BaseDistance
 
 
-def outside_masks(labels: Tensor, ref_labels: Tensor, same_set: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Float ``[B, M]`` masks, 1 where an entry is *not* a positive / *not* a negative, else 0.
-
-    The same sets as ``contracts.relevance.label_masks`` (the diagonal is no positive when the reference
-    set is the batch), built in the matrix dtype so that the reductions below stay same-dtype.
-    """
-    not_neg = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).to(dtype)
-    not_pos = 1 - not_neg
-    if same_set:
-        not_pos.fill_diagonal_(1)
-    return not_pos, not_neg
-
-
-def same_label_counts(labels: Tensor, ref_labels: Tensor) -> Tensor:
-    """``[B]``: how many reference labels equal each query label, in ``O((B + M) log M)``."""
-    values, counts = torch.unique(ref_labels, return_counts=True)
-    if len(values) == 0:
-        return torch.zeros_like(labels)
-    where = torch.searchsorted(values, labels).clamp_(max=len(values) - 1)
-    return torch.where(values[where] == labels, counts[where], 0)
-
-
 def push_outside(mat: Tensor, outside: Tensor, largest: bool, out: Tensor | None = None) -> Tensor:
     """``mat: [B, M]`` with entries where ``outside: [B, M]`` (float 0/1 or bool) is set moved to the far end.
 

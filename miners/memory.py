@@ -27,7 +27,8 @@ class CrossBatchMemory(nn.Module):
     ``memory(emb, labels)`` writes the batch into the queue (detached, so the memory never carries
     gradient), then computes ``loss(emb, labels, mined, ref_emb=E_mem, ref_labels=L_mem)`` against
     the filled part of the queue, with ``mined`` from ``miner(emb, labels, E_mem, L_mem)`` or all
-    pairs. Every pair or triplet that pairs a row with its own copy in the queue is removed. It
+    pairs. Every pair or triplet that pairs a row with its own copy in the queue is removed. Relevance
+    is by labels only (the queue stores labels; ``pos_mask``/``ignore_mask`` are refused, see ``forward``). It
     equals pytorch-metric-learning's ``CrossBatchMemory.forward(embeddings, labels, indices_tuple,
     enqueue_mask)``, memory indices included (buffer order, not age order):
 
@@ -127,8 +128,21 @@ class CrossBatchMemory(nn.Module):
         labels: Tensor,
         indices_tuple: Mined | tuple | None = None,
         enqueue_mask: Optional[Tensor] = None,
+        *,
+        pos_mask: Optional[Tensor] = None,
+        ignore_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """``emb: [B, D]``, ``labels: [B]``; optional ``enqueue_mask: [B]`` bool. Returns the scalar loss."""
+        """``emb: [B, D]``, ``labels: [B]``; optional ``enqueue_mask: [B]`` bool. Returns the scalar loss.
+
+        Relevance is by labels only: the queue stores labels, and a ``pos_mask`` / ``ignore_mask`` of
+        this batch says nothing about the rows of past batches, so both are refused.
+        """
+        if pos_mask is not None or ignore_mask is not None:
+            raise ValueError(
+                "CrossBatchMemory: relevance is by labels only (the queue stores each row's label; a pos_mask/ignore_mask "
+                "of this batch cannot say which past rows are relevant). Pass labels, or call miner and loss with "
+                "ref_emb=memory.filled()[0] and a pos_mask over those rows yourself"
+            )
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("CrossBatchMemory: indices_tuple and enqueue_mask are mutually exclusive")
         if emb.dim() != 2 or emb.shape[1] != self.embedding_size:

@@ -64,25 +64,35 @@ class MoCHi(nn.Module):
         return self.epoch >= self.warmup_epochs and self.s + self.s_prime > 0
 
     @torch.no_grad()
-    def hardest(self, q: Tensor, queue_emb: Tensor, labels: Tensor | None = None, queue_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def hardest(
+        self, q: Tensor, queue_emb: Tensor, labels: Tensor | None = None, queue_labels: Tensor | None = None,
+        candidates: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Each query's ``min(N, M)`` most similar entries: indices ``[B, n]`` into the queue, and how many are valid ``[B]``.
 
-        Valid entries come first; with labels, entries of the query's label are not valid.
+        Valid entries come first; with labels, entries of the query's label are not valid; with
+        ``candidates: [B, M]`` bool (the negatives of a relevance mask), only those entries are.
         """
         sim = F.normalize(q.detach(), dim=1) @ F.normalize(queue_emb.detach(), dim=1).T
         n = min(self.n_hard, sim.shape[1])
         if labels is not None:
             same = labels.to(sim.device).unsqueeze(1) == queue_labels.to(sim.device).unsqueeze(0)
             sim = sim.masked_fill(same, float("-inf"))
+        if candidates is not None:
+            sim = sim.masked_fill(~candidates.to(sim.device), float("-inf"))
         values, index = sim.topk(n, dim=1)
         return index, torch.isfinite(values).sum(dim=1)
 
     @torch.no_grad()
-    def mix_spec(self, q: Tensor, queue_emb: Tensor, labels: Tensor | None = None, queue_labels: Tensor | None = None) -> MixSpec:
+    def mix_spec(
+        self, q: Tensor, queue_emb: Tensor, labels: Tensor | None = None, queue_labels: Tensor | None = None,
+        *, candidates: Tensor | None = None,
+    ) -> MixSpec:
         """The synthetic negatives as a ``MixSpec`` (``pos_weight`` 0, detached, normalised).
 
         ``q: [B, D]`` queries, ``queue_emb: [M, D]`` the queue (the loss's reference set, or its first
-        ``M`` rows); ``labels: [B]`` / ``queue_labels: [M]`` for a supervised memory. Type 1 points
+        ``M`` rows); ``labels: [B]`` / ``queue_labels: [M]`` for a supervised memory, or
+        ``candidates: [B, M]`` bool, the entries each query may mix (its negatives). Type 1 points
         mix two queue rows (``first`` indexes ``cat([q, queue])``: source "both"); type 2 points mix
         query row ``b`` with a queue row. Points are ordered type 1 then type 2, each query by query;
         a query without enough candidates (2 for type 1, 1 for type 2) gets none of that type.
@@ -91,11 +101,13 @@ class MoCHi(nn.Module):
             raise ValueError("MoCHi: labels and queue_labels must be given together")
         if q.dim() != 2 or queue_emb.dim() != 2 or q.shape[1] != queue_emb.shape[1]:
             raise ValueError(f"MoCHi: q has shape {tuple(q.shape)} and queue_emb {tuple(queue_emb.shape)}; expected [B, D] and [M, D]")
+        if candidates is not None and tuple(candidates.shape) != (len(q), len(queue_emb)):
+            raise ValueError(f"MoCHi: candidates has shape {tuple(candidates.shape)}; expected {(len(q), len(queue_emb))}")
         device, b = q.device, len(q)
         empty = torch.empty(0, dtype=torch.long, device=device)
         if not self.active or b == 0 or len(queue_emb) == 0:
             return _spec(empty, empty, empty, torch.empty(0, device=device))
-        index, count = self.hardest(q, queue_emb, labels, queue_labels)
+        index, count = self.hardest(q, queue_emb, labels, queue_labels, candidates)
         rows = torch.arange(b, device=device)
 
         # type 1: i != j uniform among the row's valid entries (j drawn from the others, shifted past i)

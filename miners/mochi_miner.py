@@ -7,7 +7,7 @@ import dataclasses
 from contracts.distances import BaseDistance
 from contracts.inputs import Inputs
 from contracts.mined import Mined
-from contracts.relevance import all_pairs
+from contracts.relevance import pairs_of, relevance_masks
 from miners.base_miner import BaseMiner
 from miners.mochi import MoCHi
 
@@ -36,6 +36,7 @@ class MoCHiMiner(BaseMiner):
         self.mochi = mochi if mochi is not None else MoCHi()
 
     def mine(self, inputs: Inputs) -> Mined:
-        mined = all_pairs(inputs.labels, inputs.ref_labels, inputs.same_set)
-        spec = self.mochi.mix_spec(inputs.emb, inputs.ref_emb, inputs.labels, inputs.ref_labels)
+        pos, neg = relevance_masks(inputs)
+        mined = pairs_of(pos, neg)
+        spec = self.mochi.mix_spec(inputs.emb, inputs.ref_emb, candidates=neg)
         return dataclasses.replace(mined, mix=spec) if len(spec) else mined

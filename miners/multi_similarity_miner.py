@@ -8,7 +8,8 @@ from contracts.distances import BaseDistance, CosineSimilarity
 from contracts.inputs import Inputs
 from contracts.mined import Mined
 from miners.base_miner import BaseMiner
-from miners.masked_reductions import outside_masks, push_outside
+from contracts.relevance import outside_masks
+from miners.masked_reductions import push_outside
 
 
 class MultiSimilarityMiner(BaseMiner):
@@ -40,7 +41,7 @@ class MultiSimilarityMiner(BaseMiner):
 
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
-        not_pos, not_neg = outside_masks(inputs.labels, inputs.ref_labels, inputs.same_set, mat.dtype)
+        not_pos, not_neg = outside_masks(inputs, mat.dtype)
         eps = self.epsilon
         inverted = self.distance.is_inverted
         # Non-positives pushed to the end where the hardest positive is not searched, so they never

@@ -9,6 +9,7 @@ import torch
 from contracts.distances import BaseDistance
 from contracts.inputs import Inputs
 from contracts.mined import Mined
+from contracts.relevance import relevance_masks
 from miners.base_miner import BaseMiner
 
 
@@ -33,11 +34,16 @@ class PairMarginMiner(BaseMiner):
 
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
-        same = inputs.labels.unsqueeze(1) == inputs.ref_labels.unsqueeze(0)
         if self.distance.is_inverted:
             past_pos, past_neg = mat < self.pos_margin, mat > self.neg_margin
         else:
             past_pos, past_neg = mat > self.pos_margin, mat < self.neg_margin
+        if inputs.pos_mask is not None:  # relevance as masks (pairs may be neither, so no ~pos shortcut)
+            pos, neg = relevance_masks(inputs)
+            rows, cols = torch.where((pos & past_pos) | (neg & past_neg))
+            is_pos = pos[rows, cols]
+            return Mined.from_pairs(rows[is_pos], cols[is_pos], rows[~is_pos], cols[~is_pos])
+        same = inputs.labels.unsqueeze(1) == inputs.ref_labels.unsqueeze(0)
         # One listing of both kinds (a B x M nonzero is the miner's costliest step after the matrix),
         # split afterwards; each kind keeps torch.where's row-major order.
         rows, cols = torch.where((same & past_pos) | (past_neg & ~same))

@@ -10,7 +10,8 @@ from contracts.distances import BaseDistance
 from contracts.inputs import Inputs
 from contracts.mined import Mined
 from miners.base_miner import BaseMiner
-from miners.masked_reductions import outside_masks, push_outside
+from contracts.relevance import outside_masks
+from miners.masked_reductions import push_outside
 
 TYPES = ("all", "hard", "semihard", "easy")
 
@@ -50,7 +51,7 @@ class TripletMarginMiner(BaseMiner):
 
     def mine(self, inputs: Inputs) -> Mined:
         mat = self.distance(inputs.emb, None if inputs.same_set else inputs.ref_emb)
-        not_pos, not_neg = outside_masks(inputs.labels, inputs.ref_labels, inputs.same_set, mat.dtype)
+        not_pos, not_neg = outside_masks(inputs, mat.dtype)
         inverted = self.distance.is_inverted
         # Non-negatives are pushed to the end where their margin leaves the band: +huge for
         # "all"/"hard"/"semihard" (m <= margin fails), -huge for "easy" (m > margin fails).
