@@ -7,10 +7,10 @@ evaluation loaders whose items carry their index so DDP padding can be dropped b
 Evaluation protocols (``eval_protocol``, a class attribute the LightningModule reads):
 
 - ``"self"``: every test image is a query against all the others (CUB, Cars196, SOP); eval items
-  are ``(image, label, index)``.
+  are ``{"image", "label", "index"}``.
 - ``"query_gallery"``: separate query and gallery sets (In-Shop); the subclass sets
   ``query_dataset`` and ``gallery_dataset`` and ``test_dataset`` is their ``QueryGalleryDataset``;
-  eval items are ``(image, label, index, is_query)``.
+  eval items also hold ``"is_query"``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class MetricLearningDataModule(L.LightningDataModule):
 
     After ``setup()`` a subclass exposes ``train_dataset`` and ``test_dataset`` (``val_dataset``
     defaults to the test set, the DML convention of evaluating on the unseen test classes), each
-    yielding ``(image_tensor, label)`` and holding integer ``labels``. With the query/gallery
+    yielding ``{"image", "label"}`` items and holding integer ``labels``. With the query/gallery
     protocol it also exposes ``query_dataset`` and ``gallery_dataset``.
 
     Args:
@@ -220,7 +220,7 @@ class MetricLearningDataModule(L.LightningDataModule):
         return DataLoader(self.train_dataset, batch_sampler=self.train_sampler(), **self._loader_kwargs())
 
     def eval_dataloader(self, dataset: LabelledDataset) -> DataLoader:
-        """Items are ``(image, label, index)``, plus ``is_query`` under the query/gallery protocol;
+        """Items are ``{"image", "label", "index"}``, plus ``"is_query"`` under the query/gallery protocol;
         under DDP each rank gets a shard (padded; see ``Indexed``)."""
         rank, world = self._rank_world()
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None

@@ -12,7 +12,10 @@ from torch.utils.data import Dataset
 
 
 class LabelledDataset(Dataset):
-    """A dataset of ``(image, label)`` with its integer ``labels`` available without loading images."""
+    """A dataset of ``{"image", "label"}`` items with its integer ``labels`` available without loading images.
+
+    Items are dicts of named fields, the batch format every LightningModule reads (default collate
+    turns a list of them into ``{"image": [B, ...], "label": [B]}``)."""
 
     labels: np.ndarray
     transform: Callable | None = None
@@ -23,11 +26,11 @@ class LabelledDataset(Dataset):
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         img = self.load(index)
         if self.transform is not None:
             img = self.transform(img)
-        return img, int(self.labels[index])
+        return {"image": img, "label": int(self.labels[index])}
 
     def subset(self, indices: np.ndarray) -> "LabelledDataset":
         """A new dataset of the items ``indices`` (no transform), with its own ``transform`` slot."""
@@ -126,7 +129,7 @@ class ImageFileDataset(LabelledDataset):
 class QueryGalleryDataset(LabelledDataset):
     """A query set followed by a gallery set, as one dataset (In-Shop's evaluation protocol).
 
-    Items are ``(image, label)`` like any labelled dataset; ``is_query [N]`` tells the two parts
+    Items are ``{"image", "label"}`` like any labelled dataset; ``is_query [N]`` tells the two parts
     apart and ``labels`` are the two label arrays concatenated. Setting ``transform`` sets it on
     both parts.
     """
@@ -145,7 +148,7 @@ class QueryGalleryDataset(LabelledDataset):
         self.query.transform = value
         self.gallery.transform = value
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         n_query = len(self.query)
         return self.query[index] if index < n_query else self.gallery[index - n_query]
 
@@ -156,11 +159,11 @@ class QueryGalleryDataset(LabelledDataset):
 
 
 class Indexed(Dataset):
-    """Wrap a dataset so items carry their index: ``(image, label, index)``.
+    """Wrap a dataset so items carry their index: ``{"image", "label", "index"}``.
 
     Evaluation loaders use it so that the duplicates a ``DistributedSampler`` pads in under DDP can
     be dropped before the metrics are computed. With ``with_query_flag`` the dataset must have an
-    ``is_query`` array (``QueryGalleryDataset``) and items are ``(image, label, index, is_query)``.
+    ``is_query`` array (``QueryGalleryDataset``) and items also hold ``"is_query"``.
     """
 
     def __init__(self, dataset: Dataset, with_query_flag: bool = False) -> None:
@@ -172,7 +175,8 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {**self.dataset[index], "index": index}
         if self.with_query_flag:
-            return (*self.dataset[index], index, bool(self.dataset.is_query[index]))
-        return (*self.dataset[index], index)
+            item["is_query"] = bool(self.dataset.is_query[index])
+        return item

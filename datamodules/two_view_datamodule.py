@@ -6,11 +6,26 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from datamodules.base import MetricLearningDataModule
 from datamodules.transforms import _interp, _ToChannels, resolve_data_config
+
+
+class TwoViewItems(Dataset):
+    """Items ``{"image": view 1, "image2": view 2, "label"}`` from a dataset whose transform is ``TwoViews``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        views = item.pop("image")
+        return {"image": views[0], "image2": views[1], **item}
 
 
 class TwoViews:
@@ -46,7 +61,7 @@ def mocov2_transform(data_config: dict[str, Any] | None, scale: tuple[float, flo
 
 
 class TwoViewDataModule(L.LightningDataModule):
-    """Wrap a ``MetricLearningDataModule``: train items become ``(views [2, C, H, W], label)``.
+    """Wrap a ``MetricLearningDataModule``: train items become ``{"image", "image2", "label"}`` (two views).
 
     The wrapped DataModule builds its datasets and evaluation loaders as usual (retrieval metrics on
     its test set); only training changes: every image gives two MoCo v2 views, and batches are
@@ -92,7 +107,7 @@ class TwoViewDataModule(L.LightningDataModule):
         rank, world = dm._rank_world()
         sampler = DistributedSampler(dm.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=dm.seed, drop_last=True) if world > 1 else None
         generator = torch.Generator().manual_seed(dm.seed) if sampler is None else None
-        return DataLoader(dm.train_dataset, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+        return DataLoader(TwoViewItems(dm.train_dataset), batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
                           drop_last=True, **dm._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

@@ -129,7 +129,11 @@ def check_run(components: dict[str, nn.Module | None], facts: RunFacts) -> list[
 
 def check_model(model: nn.Module, datamodule: Any = None, world_size: int = 1) -> list[Problem]:
     """``check_run`` for a built LightningModule (its children are the components) and DataModule."""
-    components = {f"model.init_args.{name}": child for name, child in model.named_children() if name not in OPAQUE}
+    children = dict(model.named_children())
+    step = children.pop("step", None)
+    if step is not None:  # the shared training step holds the configured loss, miner and mixer
+        children.update(step.named_children())
+    components = {f"model.init_args.{name}": child for name, child in children.items() if name not in OPAQUE}
     encoder = getattr(model, "encoder", None)
     embed_dim = getattr(encoder, "embed_dim", None)
     return check_run(components, run_facts(datamodule, embed_dim if isinstance(embed_dim, int) else None, world_size))

@@ -1,10 +1,10 @@
-"""Thin LightningModules (embed -> mine -> loss -> log) and the retrieval metrics they log.
+"""Thin LightningModules (embed -> the shared ``EmbeddingStep`` -> log) and the retrieval metrics they log.
 
 Submodules are imported where they are used (``from lightning_modules.metrics import
 RetrievalMetrics``) so that importing this package stays cheap.
 """
 
-__all__ = ["MetricLearningModule"]
+__all__ = ["EmbeddingStep", "MetricLearningModule", "MoCoModule"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,12 @@ def __getattr__(name: str):
         from lightning_modules.metric_learning_module import MetricLearningModule
 
         return MetricLearningModule
+    if name == "MoCoModule":
+        from lightning_modules.moco_module import MoCoModule
+
+        return MoCoModule
+    if name == "EmbeddingStep":
+        from lightning_modules.step import EmbeddingStep
+
+        return EmbeddingStep
     raise AttributeError(f"module 'lightning_modules' has no attribute {name!r}")

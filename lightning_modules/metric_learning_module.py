@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from contracts.distances import BaseDistance
-from contracts.gather import all_gather_no_grad, all_gather_with_grad
-from contracts.mined import Mined
+from lightning_modules.step import EmbeddingStep
 from losses.shared_distance import check_distances, share_distance
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -22,13 +21,21 @@ def default_optimizer(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-4)
 
 
+def gather_mode(gather: bool | str) -> str:
+    """``True`` -> "global", ``False`` -> "none"; "global", "local" and "none" as they are (``EmbeddingStep``)."""
+    if isinstance(gather, bool):
+        return "global" if gather else "none"
+    return gather
+
+
 class MetricLearningModule(L.LightningModule):
-    """Embed -> gather across ranks -> mine -> loss -> log; retrieval metrics on val/test.
+    """Embed -> the shared step (gather, mine, loss) -> log; retrieval metrics on val/test.
 
     The module holds no method-specific code: the encoder, miner and loss are injected, so any
-    miner pairs with any loss by configuration. Under DDP the embeddings of all ranks are gathered
-    **with gradient** before mining, so the miner and the loss see the global batch and the
-    gradients equal those of one process on the concatenated batch (see ``contracts.gather``).
+    miner pairs with any loss by configuration. Everything after the encoder is the shared
+    ``lightning_modules.step.EmbeddingStep`` (``self.step``): under DDP the embeddings of all ranks
+    are gathered **with gradient** before mining, so the miner and the loss see the global batch and
+    the gradients equal those of one process on the concatenated batch.
 
     Args:
         encoder: ``nn.Module`` mapping images ``[B, C, H, W]`` to embeddings ``[B, D]``.
@@ -38,7 +45,9 @@ class MetricLearningModule(L.LightningModule):
         scheduler: a callable taking the optimizer, stepped every epoch.
         loss_lr: learning rate of the loss's own parameters (proxy-based losses use ~100x the
             encoder's); ``None``: the optimizer's default.
-        gather: gather embeddings across DDP ranks before mining (turn off for per-rank mining).
+        gather: how the step gathers across DDP ranks: ``True``/"global" (every rank computes the
+            loss on the global batch), "local" (this rank's rows against the global batch, open_clip's
+            ``local_loss``), ``False``/"none" (per-rank mining and loss).
         eval_distance: "cosine" or "euclidean" for the retrieval metrics.
         eval_ks: Recall@K list when the DataModule does not give its benchmark's ``recall_ks``.
         eval_nmi: also compute NMI (k-means) at validation and test.
@@ -52,15 +61,18 @@ class MetricLearningModule(L.LightningModule):
             changes what is mined is an error naming both (rules: ``losses.shared_distance``).
         allow_distance_mismatch: keep disagreeing distances on purpose: a warning instead of the error.
 
-    After each training step the module keeps the batch's embeddings ``last_emb [B, D]`` (detached;
-    gathered across ranks like the miner sees them), ``last_labels [B]`` and ``last_mined`` (the
-    miner's ``Mined``, ``None`` without a miner) for callbacks that observe the mining
-    (``experiments.callbacks.HardnessMonitor``); each step overwrites them.
+    ``training_step`` returns the step's outputs dict (``loss``, ``emb``, ``labels``, ``ref_emb``,
+    ``mined`` ...: see ``lightning_modules.step``), which Lightning hands to callbacks as ``outputs``
+    in ``on_train_batch_end`` (``experiments.callbacks.HardnessMonitor``, ``DivergenceMonitor``).
 
-    Evaluation protocol: read from the DataModule's ``eval_protocol``. ``"self"`` (default; CUB,
-    Cars, SOP): batches are ``(x, y, index)`` and every embedding is a query against the others
-    (``RetrievalMetrics``). ``"query_gallery"`` (In-Shop): batches are ``(x, y, index, is_query)``
-    and queries are ranked against the gallery (``QueryGalleryRetrievalMetrics``).
+    Mixed precision (``Trainer(precision="bf16-mixed")``): the encoder runs under autocast, the step
+    casts its embeddings to float32 and computes distances and losses in float32.
+
+    Batches are dicts. Training: ``{"image": [B, C, H, W], "label": [B]}``. Evaluation protocol:
+    read from the DataModule's ``eval_protocol``. ``"self"`` (default; CUB, Cars, SOP): batches are
+    ``{"image", "label", "index"}`` and every embedding is a query against the others
+    (``RetrievalMetrics``). ``"query_gallery"`` (In-Shop): batches also hold ``"is_query"`` and
+    queries are ranked against the gallery (``QueryGalleryRetrievalMetrics``).
     """
 
     def __init__(
@@ -71,7 +83,7 @@ class MetricLearningModule(L.LightningModule):
         optimizer: OptimizerFactory = default_optimizer,
         scheduler: SchedulerFactory | None = None,
         loss_lr: float | None = None,
-        gather: bool = True,
+        gather: bool | str = True,
         eval_distance: str = "cosine",
         eval_ks: tuple[int, ...] = (1, 2, 4, 8),
         eval_nmi: bool = False,
@@ -85,41 +97,59 @@ class MetricLearningModule(L.LightningModule):
             share_distance(distance, (miner, loss, mixer), allow_mismatch=allow_distance_mismatch)
         check_distances((miner, loss, mixer), allow_mismatch=allow_distance_mismatch)
         self.encoder = encoder
-        self.loss = loss
-        self.miner = miner
-        self.mixer = mixer
+        self.step = self.make_step(loss, miner, mixer, gather_mode(gather))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_metrics: nn.Module | None = None
         self.test_metrics: nn.Module | None = None
-        self.last_emb: Tensor | None = None
-        self.last_labels: Tensor | None = None
-        self.last_mined: Mined | None = None
+
+    def make_step(self, loss: nn.Module, miner: nn.Module | None, mixer: nn.Module | None, gather: str) -> EmbeddingStep:
+        """The shared step of this regime (a subclass configures memory and relevance here)."""
+        return EmbeddingStep(loss, miner=miner, mixer=mixer, gather=gather)
+
+    # the step owns its components; these are the names configs and callbacks know
+    @property
+    def loss(self) -> nn.Module:
+        return self.step.loss
+
+    @property
+    def miner(self) -> nn.Module | None:
+        return self.step.miner
+
+    @property
+    def mixer(self) -> nn.Module | None:
+        return self.step.mixer
 
     # ---------------------------------------------------------------------------------- train
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, labels = batch[0], batch[1]
-        emb, mix_state = self.mixer.embed(self.encoder, x) if self.mixer is not None else (self.encoder(x), None)
-        local_emb, local_labels = emb, labels
-        if self.hparams.gather:
-            emb, labels = all_gather_with_grad(emb), all_gather_no_grad(labels)
-        mined: Mined | None = self.miner(emb, labels) if self.miner is not None else None
-        # Kept (detached) for callbacks that observe the mining, e.g. experiments.callbacks.hardness_monitor;
-        # without the miner's distance matrices, which only the loss below needs.
-        self.last_emb, self.last_labels = emb.detach(), labels.detach()
-        self.last_mined = mined.without_matrices() if mined is not None else None
-        loss = self.loss(emb, labels, mined)
-        if self.mixer is not None:
-            mix_loss = self.mixer(self.encoder, mix_state, local_emb, local_labels, self.loss)
-            self.log("train/mix_loss", mix_loss, batch_size=len(x))
-            loss = loss + mix_loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
-        if mined is not None:
-            self.log("train/mined_tuples", float(len(mined)), batch_size=len(x))
-        return loss
+    def embed(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """The step's inputs for a training batch ``{"image", "label", ...}``: this regime's one view."""
+        x = batch["image"]
+        emb, mix_state = self.mixer.embed(self.encoder, x) if self.mixer is not None and hasattr(self.mixer, "embed") else (self.encoder(x), None)
+        return {"emb": emb, "labels": batch["label"], "encoder": self.encoder, "mix_state": mix_state}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        inputs = self.embed(batch)
+        outputs = self.step(**inputs)
+        batch_size = len(inputs["emb"])
+        self.log("train/loss", outputs["loss"], prog_bar=True, batch_size=batch_size)
+        if outputs["mix_loss"] is not None:
+            self.log("train/mix_loss", outputs["mix_loss"], batch_size=batch_size)
+        if outputs["mined"] is not None and self.miner is not None:
+            self.log("train/mined_tuples", float(len(outputs["mined"])), batch_size=batch_size)
+        return outputs
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the shared step kept loss/miner/mixer (and MoCo's queue) at the top level.
+        state = checkpoint.get("state_dict", {})
+        for key in list(state):
+            head = key.split(".", 1)[0]
+            if head in ("loss", "miner", "mixer"):
+                state[f"step.{key}"] = state.pop(key)
+            elif head == "queue":
+                state[f"step.memory.{key.split('.', 1)[1]}"] = state.pop(key)
 
     def configure_optimizers(self) -> Any:
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
@@ -146,16 +176,16 @@ class MetricLearningModule(L.LightningModule):
         self.val_metrics = self.make_metrics()
         self.test_metrics = self.make_metrics()
 
-    def _eval_step(self, metrics: nn.Module, batch: Any) -> None:
+    def _eval_step(self, metrics: nn.Module, batch: dict[str, Tensor]) -> None:
         from lightning_modules.metrics import QueryGalleryRetrievalMetrics
 
-        x, labels, index = batch[0], batch[1], batch[2]
+        emb = self.encoder(batch["image"]).float()  # float32 metrics under a bf16/fp16 autocast
         if isinstance(metrics, QueryGalleryRetrievalMetrics):
-            if len(batch) < 4:
-                raise ValueError("the query/gallery protocol needs eval batches (x, y, index, is_query); got 3 items")
-            metrics.update(self.encoder(x), labels, batch[3].bool(), index=index)
+            if "is_query" not in batch:
+                raise ValueError(f"the query/gallery protocol needs eval batches with an is_query field; got {sorted(batch)}")
+            metrics.update(emb, batch["label"], batch["is_query"].bool(), index=batch["index"])
         else:
-            metrics.update(self.encoder(x), labels, index)
+            metrics.update(emb, batch["label"], batch["index"])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(self.val_metrics, batch)
@@ -177,13 +207,13 @@ class MetricLearningModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, dataloader: Iterable) -> dict[str, float]:
-        """Retrieval metrics of the current encoder on a loader of ``(x, label, index[, is_query])``
-        (outside the Trainer loops)."""
+        """Retrieval metrics of the current encoder on a loader of ``{"image", "label", "index"[, "is_query"]}``
+        batches (outside the Trainer loops)."""
         was_training = self.training
         self.eval()
         metrics = self.make_metrics().to(self.device)
         for batch in dataloader:
-            self._eval_step(metrics, [t.to(self.device) for t in batch])
+            self._eval_step(metrics, {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()})
         values = {k: float(v) for k, v in metrics.compute().items()}
         self.train(was_training)
         return values

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from contracts.distances import BaseDistance
-from contracts.gather import all_gather_no_grad
-from contracts.mined import Mined
 from lightning_modules.metric_learning_module import MetricLearningModule, OptimizerFactory, SchedulerFactory, default_optimizer
 from miners.memory import CrossBatchMemory
+from lightning_modules.step import EmbeddingStep
 from models.momentum import MomentumEncoder
 
 
@@ -36,7 +34,9 @@ class MoCoModule(MetricLearningModule):
     materialises without gradient; they are never enqueued. ``supervised``: class labels are kept
     with the queue and same-label entries are not negatives (nor MoCHi candidates).
 
-    Batches are ``(views [B, 2, C, H, W], labels, ...)``: ``datamodules.two_view_datamodule.TwoViewDataModule``.
+    The module is MoCo's encoders (query, momentum key) and a configuration of the shared step
+    (``make_step``): no loss or queue code of its own. Batches are ``{"image", "image2", "label"}``
+    (the query and key views): ``datamodules.two_view_datamodule.TwoViewDataModule``.
     Evaluation is ``MetricLearningModule``'s retrieval on the query encoder. Not done: MoCo's
     shuffling BatchNorm across GPUs (use ``freeze_bn`` or single-GPU batches).
 
@@ -72,55 +72,54 @@ class MoCoModule(MetricLearningModule):
             from losses import NTXentLoss
 
             loss = NTXentLoss(temperature=0.2)
+        embed_dim = getattr(encoder, "embed_dim", None)
+        if not isinstance(embed_dim, int):
+            raise ValueError(f"MoCoModule: the encoder {type(encoder).__name__} has no integer embed_dim to size the queue")
         super().__init__(
             encoder=encoder, loss=loss, optimizer=optimizer, scheduler=scheduler, loss_lr=loss_lr, gather=False,
             eval_distance=eval_distance, eval_ks=eval_ks, eval_nmi=eval_nmi, mixer=mixer,
             distance=distance, allow_distance_mismatch=allow_distance_mismatch,
         )
-        embed_dim = getattr(encoder, "embed_dim", None)
-        if not isinstance(embed_dim, int):
-            raise ValueError(f"MoCoModule: the encoder {type(encoder).__name__} has no integer embed_dim to size the queue")
         self.key_encoder = MomentumEncoder(encoder, momentum)
-        self.queue = CrossBatchMemory(nn.Identity(), embedding_size=embed_dim, memory_size=queue_size)  # storage only
+
+    def make_step(self, loss: nn.Module, miner: nn.Module | None, mixer: nn.Module | None, gather: str) -> EmbeddingStep:
+        """MoCo as a step configuration: the queue is the step's memory (prepended to the reference
+        set, enqueued with the keys of all ranks after the loss), each query's only positive is its own
+        key (``pos_mask`` = identity), the other keys of the batch are not negatives
+        (``in_batch_negatives=False``), and with ``supervised`` the queue entries sharing a query's label
+        are ignored (``memory_same_label="ignore"``). MoCHi mixes from the memory (``mix_spec``)."""
+        queue = CrossBatchMemory(nn.Identity(), embedding_size=self.encoder.embed_dim, memory_size=self.hparams.queue_size)  # storage only
+        return EmbeddingStep(
+            loss, miner=miner, memory=queue, mixer=mixer, gather=gather, in_batch_negatives=False, memory_same_label="ignore"
+        )
+
+    @property
+    def queue(self) -> CrossBatchMemory:
+        return self.step.memory
 
     def on_train_epoch_start(self) -> None:
         if self.mixer is not None and callable(getattr(self.mixer, "set_epoch", None)):
             self.mixer.set_epoch(self.current_epoch)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        views, labels = batch[0], batch[1]
-        if views.dim() != 5 or views.shape[1] != 2:
+    def embed(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """Queries ``q = f_q(image)`` and keys ``k = f_k(image2)`` (the momentum encoder, updated first)."""
+        if "image2" not in batch:
             raise ValueError(
-                f"MoCoModule: expected two views per image, images of shape [B, 2, C, H, W]; got {tuple(views.shape)}. "
+                f"MoCoModule: expected two views per image, batches with 'image' and 'image2'; got fields {sorted(batch)}. "
                 f"Wrap the DataModule in datamodules.two_view_datamodule.TwoViewDataModule"
             )
-        q = self.encoder(views[:, 0])
+        q = self.encoder(batch["image"])
         self.key_encoder.update(self.encoder)
-        k = self.key_encoder(views[:, 1])
-        loss = self.moco_loss(q, k, labels)
-        self.queue.enqueue(all_gather_no_grad(k.detach()), all_gather_no_grad(labels))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(q))
-        self.log("train/queue", float(len(self.queue)), batch_size=len(q))
-        return loss
+        k = self.key_encoder(batch["image2"]).detach()
+        return self.step_inputs(q, k, batch["label"])
 
-    def moco_loss(self, q: Tensor, k: Tensor, labels: Tensor) -> Tensor:
-        """InfoNCE of ``q: [B, D]`` with positives ``k: [B, D]`` against the current queue (plus MoCHi's points)."""
-        queue, queue_labels = self.queue.filled()
-        # the buffer is overwritten in place by the next enqueue: the loss keeps its own copy
-        queue = queue.detach().clone().to(q.dtype)
-        queue_labels = queue_labels.clone().to(labels.device)
-        b, m = len(q), len(queue)
-        rows = torch.arange(b, device=q.device)
-        negatives = torch.ones(b, m, dtype=torch.bool, device=q.device)
-        if self.hparams.supervised:
-            negatives &= labels.unsqueeze(1) != queue_labels.unsqueeze(0)
-        a2, n = torch.nonzero(negatives, as_tuple=True)
-        mined = Mined.from_pairs(rows, m + rows, a2, n)  # reference set: [queue; keys]
-        if self.mixer is not None and m > 0:
-            sup = self.hparams.supervised
-            spec = self.mixer.mix_spec(q, queue, labels if sup else None, queue_labels if sup else None)
-            if len(spec):
-                mined = dataclasses.replace(mined, mix=spec)
-        ref = torch.cat([queue, k.detach()])
-        ref_labels = torch.cat([queue_labels, labels])
-        return self.loss(q, labels, mined, ref, ref_labels)
+    def step_inputs(self, q: Tensor, k: Tensor, labels: Tensor) -> dict[str, Any]:
+        """The step's inputs for queries ``q [B, D]`` and their keys ``k [B, D]`` (labels kept when ``supervised``)."""
+        sup = self.hparams.supervised
+        eye = torch.eye(len(q), dtype=torch.bool, device=q.device)
+        return {"emb": q, "ref_emb": k, "labels": labels if sup else None, "ref_labels": labels if sup else None, "pos_mask": eye}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        outputs = super().training_step(batch, batch_idx)
+        self.log("train/queue", float(len(self.queue)), batch_size=len(outputs["emb"]))
+        return outputs

@@ -86,10 +86,11 @@ def is_collapsed(spread: float, rank: float, batch: int, dim: int, min_spread: f
 class DivergenceMonitor(L.Callback):
     """Warn when the embeddings collapse; stop before a non-finite loss or gradient is applied.
 
-    **Collapse** (``on_before_backward``, every ``every_n_steps`` steps). It reads the batch the
-    miner saw, ``pl_module.last_emb``, ``last_labels`` and ``last_mined`` (kept by
-    ``MetricLearningModule.training_step``, gathered across ranks, so every rank computes the same
-    numbers and no collective is needed; a module without ``last_emb`` is not checked), and logs
+    **Collapse** (``on_train_batch_end``, every ``every_n_steps`` steps). It reads the batch the
+    miner saw from the training step's outputs, ``emb``, ``ref_emb`` and ``mined`` (the dict of
+    ``lightning_modules.step.EmbeddingStep``; gathered across ranks in its "global" mode, so every
+    rank computes the same numbers and no collective is needed; outputs without ``emb`` are not
+    checked), and logs
 
     - ``train/embedding_spread``: ``1 - ||mean q||^2`` of the L2-normalised embeddings
       (``embedding_spread``);
@@ -151,8 +152,13 @@ class DivergenceMonitor(L.Callback):
             what = f"the training loss is {self._describe(value)}" if not finite else "the training loss is non-finite on another rank"
             raise DivergenceError(self._message(trainer, what))
         self.recent_losses.append(float(value))
-        if self.min_spread > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._check_collapse(trainer, pl_module)
+        self._step_to_check = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # the step of this batch (global_step has moved on after the optimizer step)
+        step = getattr(self, "_step_to_check", trainer.global_step)
+        if self.min_spread > 0 and step % self.every_n_steps == 0 and isinstance(outputs, dict):
+            self._check_collapse(trainer, pl_module, outputs, step)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
@@ -164,15 +170,15 @@ class DivergenceMonitor(L.Callback):
             raise DivergenceError(self._message(trainer, what))
 
     # ---------------------------------------------------------------------------- collapse
-    def _check_collapse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        emb, labels = getattr(pl_module, "last_emb", None), getattr(pl_module, "last_labels", None)
+    def _check_collapse(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict[str, Any], step: int) -> None:
+        emb = outputs.get("emb")
         if emb is None or len(emb) < 2 or not bool(torch.isfinite(emb).all()):
             return  # non-finite embeddings make a non-finite loss, which stops the run above
         spread, rank = embedding_spread(emb)
         values = {"train/embedding_spread": spread, "train/embedding_rank": rank}
-        mined = getattr(pl_module, "last_mined", None)
-        if labels is not None and mined is not None and len(mined) > 0:
-            ap, an = pair_similarities(emb, mined)
+        mined = outputs.get("mined")
+        if mined is not None and len(mined) > 0:
+            ap, an = pair_similarities(emb, mined, outputs.get("ref_emb"))
             if ap.numel() and an.numel():
                 values["train/mined_ap_similarity"], values["train/mined_an_similarity"] = ap.mean(), an.mean()
         numbers = dict(zip(values, torch.stack([v.float().cpu() for v in values.values()]).tolist()))
@@ -181,11 +187,11 @@ class DivergenceMonitor(L.Callback):
         spread, rank = numbers["train/embedding_spread"], numbers["train/embedding_rank"]
         collapsed = is_collapsed(spread, rank, len(emb), emb.shape[1], self.min_spread, self.max_rank_fraction)
         if collapsed and not self.collapsed:
-            self._warn_collapse(trainer, numbers, len(emb), emb.shape[1])
+            self._warn_collapse(trainer, numbers, len(emb), emb.shape[1], step)
         self.collapsed = collapsed
 
     @rank_zero_only
-    def _warn_collapse(self, trainer: L.Trainer, numbers: dict[str, float], batch: int, dim: int) -> None:
+    def _warn_collapse(self, trainer: L.Trainer, numbers: dict[str, float], batch: int, dim: int, step: int) -> None:
         spread = numbers["train/embedding_spread"]
         mean_cos = 1.0 - spread * batch / (batch - 1)
         mined = ""
@@ -195,7 +201,7 @@ class DivergenceMonitor(L.Callback):
                 f"s(a,p) {numbers['train/mined_ap_similarity']:.6f}, s(a,n) {numbers['train/mined_an_similarity']:.6f}"
             )
         warnings.warn(
-            f"hardneg: the embeddings collapsed at global_step {trainer.global_step} (epoch {trainer.current_epoch}): "
+            f"hardneg: the embeddings collapsed at global_step {step} (epoch {trainer.current_epoch}): "
             f"the batch's {batch} L2-normalised embeddings point almost the same way (train/embedding_spread "
             f"{spread:.2e} < min_spread {self.min_spread:g}, mean pairwise cosine {mean_cos:.6f}) and the little room "
             f"they take has lost its shape (train/embedding_rank {numbers['train/embedding_rank']:.1f} < "

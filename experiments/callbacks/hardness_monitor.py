@@ -55,9 +55,11 @@ def summarize(values: Tensor) -> dict[str, float] | None:
 class HardnessMonitor(L.Callback):
     """Similarity distributions of the mined anchor-positive and anchor-negative pairs, over training.
 
-    After a training batch it reads ``pl_module.last_emb``, ``last_labels`` and ``last_mined`` (set
-    by ``MetricLearningModule.training_step``; ``last_mined=None`` means the loss used every valid
-    pair, which is what is measured then), computes the cosine similarities of the pairs
+    After a training batch it reads the training step's outputs (``outputs``: the dict of
+    ``lightning_modules.step.EmbeddingStep``, which ``training_step`` returns): the embeddings the
+    miner saw ``emb``, the reference set ``ref_emb`` (None: ``emb`` itself), ``labels`` and ``mined``
+    (``None`` means the loss used every valid pair by labels, which is what is measured then),
+    computes the cosine similarities of the pairs
     (``pair_similarities``) and keeps, per measured step, their count, mean and quantiles, and per
     epoch, a histogram on ``[-1, 1]``. It logs ``hardness/ap_mean`` and ``hardness/an_mean`` and
     writes everything atomically to ``<log_dir>/hardness.json`` at every epoch end. The history is
@@ -81,16 +83,18 @@ class HardnessMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.every_n_steps:
             return
-        emb, labels = getattr(pl_module, "last_emb", None), getattr(pl_module, "last_labels", None)
-        if emb is None or labels is None:
-            raise AttributeError(
-                f"HardnessMonitor needs the module to keep last_emb, last_labels and last_mined after each "
-                f"training step (MetricLearningModule does); {type(pl_module).__name__} does not"
+        if not isinstance(outputs, dict) or outputs.get("emb") is None:
+            raise TypeError(
+                f"HardnessMonitor reads the training step's outputs dict (emb, ref_emb, labels, mined: "
+                f"lightning_modules.step.EmbeddingStep); {type(pl_module).__name__}.training_step returned {type(outputs).__name__}"
             )
-        mined = getattr(pl_module, "last_mined", None)
+        emb, ref_emb, mined = outputs["emb"], outputs.get("ref_emb"), outputs.get("mined")
         if mined is None:
+            labels = outputs.get("labels")
+            if labels is None:
+                return
             mined = all_pairs(labels, labels, same_set=True)
-        ap, an = pair_similarities(emb, mined)
+        ap, an = pair_similarities(emb, mined, ref_emb)
         record = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), "ap": summarize(ap), "an": summarize(an)}
         self.steps.append(record)
         hist = self.histograms.setdefault(int(trainer.current_epoch), {"ap": [0] * self.bins, "an": [0] * self.bins})

@@ -48,12 +48,14 @@ def test_splits_labels_and_loaders(name, tmp_path):
     assert sorted(set(train.tolist())) == list(range(n_train))
     assert len(set(test.tolist())) == n_test and not set(train.tolist()) & set(test.tolist())
     assert len(dm.train_dataset.class_ids) == len(train)
-    x, y = dm.train_dataset[0]
+    item = dm.train_dataset[0]
+    x, y = item["image"], item["label"]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
-    xb, yb = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    xb, yb = batch["image"], batch["label"]
     assert xb.shape == (4, 3, 32, 32) and sorted(np.bincount(yb.numpy()).tolist())[-2:] == [2, 2]
     batch = next(iter(dm.test_dataloader()))
-    assert batch[0].shape[1:] == (3, 32, 32) and batch[2].tolist() == list(range(len(batch[0])))
+    assert batch["image"].shape[1:] == (3, 32, 32) and batch["index"].tolist() == list(range(len(batch["image"])))
     sizes = dm.split_sizes()
     assert sizes["train"] == {"images": len(train), "classes": n_train}
 
@@ -104,7 +106,8 @@ def test_inshop_query_gallery(tmp_path):
     for item in set(q.class_ids.tolist()):
         assert set(q.labels[q.class_ids == item].tolist()) == set(g.labels[g.class_ids == item].tolist())
     assert dm.test_dataset.is_query.tolist() == [True] * 10 + [False] * 10
-    x, y, index, is_query = next(iter(dm.test_dataloader()))
+    batch = next(iter(dm.test_dataloader()))
+    x, is_query = batch["image"], batch["is_query"]
     assert x.shape == (7, 3, 32, 32) and is_query.dtype == torch.bool and bool(is_query.all())
     sizes = dm.split_sizes()
     assert sizes["query"] == {"images": 10, "classes": 5} and sizes["gallery"] == {"images": 10, "classes": 5}
@@ -116,8 +119,8 @@ def test_inshop_eval_loader_is_sharded_under_ddp(tmp_path):
     seen = []
     for rank in range(2):
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, lightning_module=None)
-        for _, _, index, is_query in dm.test_dataloader():
-            seen += list(zip(index.tolist(), is_query.tolist()))
+        for batch in dm.test_dataloader():
+            seen += list(zip(batch["index"].tolist(), batch["is_query"].tolist()))
     dm.trainer = None
     assert sorted(set(seen)) == [(i, i < 10) for i in range(20)]
 

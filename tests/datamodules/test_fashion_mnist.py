@@ -59,11 +59,13 @@ def test_class_split_on_miniature(tmp_path):
     dm.setup()
     assert set(dm.train_dataset.labels.tolist()) == {0, 1, 2, 3, 4}
     assert set(dm.test_dataset.labels.tolist()) == {5, 6, 7, 8, 9}
-    x, y = dm.train_dataset[0]
+    x = dm.train_dataset[0]["image"]
     assert tuple(x.shape) == (3, 32, 32)
-    xb, yb = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    xb, yb = batch["image"], batch["label"]
     assert xb.shape == (10, 3, 32, 32) and sorted(np.bincount(yb.numpy()).tolist()) == [2, 2, 2, 2, 2]
-    xe, ye, idx = next(iter(dm.test_dataloader()))
+    batch = next(iter(dm.test_dataloader()))
+    xe, idx = batch["image"], batch["index"]
     assert len(idx) == len(xe) and idx[0] == 0
 
 

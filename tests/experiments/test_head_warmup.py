@@ -58,7 +58,7 @@ def test_trunk_frozen_during_warmup_only(epochs):
     for epoch in range(3):
         before, after = states[epoch], states[epoch + 1]
         changed = {k for k in before if not torch.equal(before[k], after[k])}
-        assert {"encoder.head.weight", "encoder.head.bias", "loss.proxies"} <= changed, epoch
+        assert {"encoder.head.weight", "encoder.head.bias", "step.loss.proxies"} <= changed, epoch
         trunk_changed = {k for k in changed if k.startswith("encoder.trunk")}
         if epoch < epochs:
             assert not trunk_changed, f"epoch {epoch}: trunk moved during warm-up: {trunk_changed}"

@@ -1,4 +1,6 @@
-"""Under DDP (gloo, 2 CPU processes) a training step equals one process on the concatenated batch."""
+"""Under DDP (gloo, 2 CPU processes) a training step equals one process on the concatenated batch,
+in both gather modes of the shared step ("global": every rank computes the global loss; "local":
+this rank's rows against the global batch)."""
 
 import os
 
@@ -8,7 +10,7 @@ import torch
 
 from datamodules import DigitsDataModule
 from lightning_modules.metric_learning_module import MetricLearningModule
-from losses import TripletMarginLoss
+from losses import NTXentLoss, TripletMarginLoss
 from miners import BatchHardMiner
 from tests.helpers import TinyEncoder
 
@@ -35,11 +37,17 @@ def sgd0(params):
     return torch.optim.SGD(params, lr=0.0)
 
 
-def run(tmp_path, devices: int, classes_per_batch: int) -> str:
+def make_module(gather: str) -> MetricLearningModule:
+    if gather == "local":  # a mean over rows with the same number of terms per row: exact in local mode
+        return MetricLearningModule(TinyEncoder(), NTXentLoss(temperature=0.1), optimizer=sgd0, gather="local")
+    return MetricLearningModule(TinyEncoder(), TripletMarginLoss(margin=0.2), BatchHardMiner(), optimizer=sgd0, gather="global")
+
+
+def run(tmp_path, devices: int, classes_per_batch: int, gather: str = "global") -> str:
     torch.manual_seed(0)
-    module = MetricLearningModule(TinyEncoder(), TripletMarginLoss(margin=0.2), BatchHardMiner(), optimizer=sgd0)
+    module = make_module(gather)
     data = DigitsDataModule(classes_per_batch=classes_per_batch, samples_per_class=4, num_batches=1, num_workers=0, augment=False, seed=7)
-    out = str(tmp_path / f"dev{devices}")
+    out = str(tmp_path / f"{gather}{devices}")
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -58,9 +66,10 @@ def run(tmp_path, devices: int, classes_per_batch: int) -> str:
 
 
 @pytest.mark.slow
-def test_ddp_gradients_equal_single_process_on_global_batch(tmp_path):
-    single = run(tmp_path, devices=1, classes_per_batch=4)
-    ddp = run(tmp_path, devices=2, classes_per_batch=2)
+@pytest.mark.parametrize("gather", ["global", "local"])
+def test_ddp_gradients_equal_single_process_on_global_batch(tmp_path, gather):
+    single = run(tmp_path, devices=1, classes_per_batch=4, gather=gather)
+    ddp = run(tmp_path, devices=2, classes_per_batch=2, gather=gather)
     ref_grads = torch.load(f"{single}.rank0.grads")["grads"]
     ref_loss = torch.load(f"{single}.rank0.loss")
     assert ref_loss > 0

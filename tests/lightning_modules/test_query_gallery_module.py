@@ -34,7 +34,7 @@ def trainer() -> L.Trainer:
 
 def embed(encoder: nn.Module, dataset) -> tuple[torch.Tensor, np.ndarray]:
     with torch.no_grad():
-        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        x = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
         return encoder(x), np.asarray(dataset.labels)
 
 

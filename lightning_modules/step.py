@@ -1,0 +1,384 @@
+"""``EmbeddingStep``: the one training step every regime shares.
+
+embed (the module) -> **gather across ranks** -> **memory** -> **mine** -> **loss** -> outputs.
+
+A LightningModule embeds its batch (one or more views: anchor/reference, query/document,
+image/text) and hands the per-rank embeddings and their relevance to this step; the step owns
+everything after the encoders, so a regime is its encoders plus a configuration of this step.
+It lives in ``lightning_modules/`` because it is the body of every ``training_step`` and uses
+miners, losses and memory together (which ``contracts`` may not import); it is an ``nn.Module`` so
+the loss, miner and memory it holds are the module's parameters and buffers (checkpointed, moved
+to the device, optimised).
+
+Gather modes (``gather``), both equal to one process on the global batch in loss and gradients:
+
+- ``"global"``: every rank gathers all ranks' queries and references **with gradient** and computes
+  the same loss on the global batch. ``contracts.gather.all_gather_with_grad`` sums the gathered
+  tensor's gradient over ranks in backward, so each rank's slice receives ``W`` times its true
+  gradient and DDP's averaging over the ``W`` ranks cancels that factor.
+- ``"local"``: open_clip's ``local_loss``: this rank's queries against the global reference set,
+  ``O(B_local x B_global)`` per rank. This rank's own rows sit at offset ``sum(B_r, r < rank)`` of the
+  gathered references; for a single view (queries are the references) those self-pairs are ignored.
+  The per-rank loss ``L_r`` (a mean over this rank's rows) is scaled by ``W * B_local / B_global``:
+  the mean over ranks of the scaled losses is then the global mean over rows, and since the gather's
+  backward sums every rank's gradient into the slice that produced it, DDP's average of the
+  parameter gradients equals the gradient of the global loss. Exact for losses that are a mean of
+  per-row terms with the same number of terms per row (InfoNCE / NT-Xent / CLIP with P x K or paired
+  batches); a reducer that averages over a data-dependent count (non-zero triplets) is exact in
+  ``"global"`` mode only. The returned loss *value* is the global one (all-reduced, detached),
+  its gradient that of the scaled local loss.
+- ``"none"``: per-rank loss on per-rank rows (MoCo's per-GPU keys; DDP averages).
+
+Relevance: ``labels`` (same label = positive; the shorthand), or ``pos_mask`` / ``ignore_mask``
+(bool ``[B, B_ref]`` against this rank's own references; pairs across ranks are negatives, or follow
+the labels when both are given). The row itself (single view) is always ignored.
+``in_batch_negatives=False`` keeps only the memory's entries as negatives (MoCo: the other keys of
+the batch are neither positives nor negatives).
+
+Memory (``miners.memory.CrossBatchMemory`` used as a queue): its filled part is prepended to the
+reference set, ``R = [memory; batch references]``; entries sharing a query's label are positives
+(``memory_same_label="positive"``, XBM) or ignored (``"ignore"``, supervised MoCo); without labels
+every entry is a negative. After the loss the references of all ranks are enqueued (detached).
+
+Mixers (``mixer``): one with ``mix_spec(q, memory, labels, memory_labels)`` (``miners.MoCHi``) adds
+synthetic negatives from the memory to the mined tuples; one with ``embed``/``forward``
+(``losses.Metrix``) adds ``mixer(encoder, mix_state, emb, labels, loss)`` on this rank's rows.
+
+Mixed precision: the encoders may run under autocast (bf16/fp16); the step casts the embeddings to
+float32 and disables autocast, so distance matrices, logits and losses are computed in float32.
+
+The returned dict is what ``training_step`` returns and what callbacks read in
+``on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)``:
+
+- ``loss``: scalar, with graph;
+- ``emb [Q, D]``: the queries the miner saw (detached, float32; global batch in ``"global"`` mode);
+- ``labels [Q]`` or None;
+- ``ref_emb [M, D]`` / ``ref_labels [M]``: the reference set (None: the queries themselves);
+- ``pos_mask`` / ``ignore_mask`` ``[Q, M]``: the relevance used (None on the labels-only path);
+- ``mined``: the ``Mined`` the loss got (without distance matrices; None: all pairs by labels);
+- ``mix_loss``: the mixer's added loss (Metrix) or None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from contracts.dtypes import work_dtype
+from contracts.gather import all_gather_no_grad, all_gather_with_grad, dist_ready
+from contracts.mined import Mined, TripletMask
+
+GATHER_MODES = ("global", "local", "none")
+MEMORY_SAME_LABEL = ("positive", "ignore")
+
+
+def _takes(component: Any, name: str) -> bool:
+    """Whether ``component(...)`` accepts the keyword ``name`` (the relevance-mask API)."""
+    fn = getattr(component, "forward", component)
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
+
+
+def _sizes(n: int, device: torch.device) -> list[int]:
+    """Rows of every rank (rank order)."""
+    if not dist_ready():
+        return [n]
+    return [int(s) for s in all_gather_no_grad(torch.tensor([n], device=device))]
+
+
+class EmbeddingStep(nn.Module):
+    """Gather -> memory -> mine -> loss on per-rank embeddings; returns the outputs dict (module docstring).
+
+    Args:
+        loss: ``loss(emb, labels, mined, ref_emb, ref_labels)`` (with ``pos_mask=``/``ignore_mask=``
+            keywords when it takes them).
+        miner: ``miner(emb, labels, ref_emb, ref_labels)`` -> ``Mined``; None: every valid pair.
+        memory: a ``CrossBatchMemory`` used as a queue of references (``enqueue``/``filled``).
+        mixer: MoCHi-like (``mix_spec``) or Metrix-like (``embed`` + ``forward``); see the module docstring.
+        gather: "global", "local" or "none".
+        in_batch_negatives: False: only memory entries are negatives (MoCo).
+        memory_same_label: "positive" (XBM) or "ignore" (supervised MoCo) for memory entries sharing a label.
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        miner: nn.Module | None = None,
+        memory: nn.Module | None = None,
+        mixer: nn.Module | None = None,
+        gather: str = "global",
+        in_batch_negatives: bool = True,
+        memory_same_label: str = "positive",
+    ) -> None:
+        super().__init__()
+        if gather not in GATHER_MODES:
+            raise ValueError(f"EmbeddingStep: gather={gather!r}; expected one of {GATHER_MODES}")
+        if memory_same_label not in MEMORY_SAME_LABEL:
+            raise ValueError(f"EmbeddingStep: memory_same_label={memory_same_label!r}; expected one of {MEMORY_SAME_LABEL}")
+        if mixer is not None and hasattr(mixer, "mix_spec") and memory is None:
+            raise ValueError(f"EmbeddingStep: {type(mixer).__name__} mixes from a memory (mix_spec); give the step a memory (MoCoModule)")
+        self.loss, self.miner, self.memory, self.mixer = loss, miner, memory, mixer
+        self.gather, self.in_batch_negatives, self.memory_same_label = gather, in_batch_negatives, memory_same_label
+
+    # ------------------------------------------------------------------------------------ step
+    def forward(
+        self,
+        emb: Tensor,
+        ref_emb: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        pos_mask: Tensor | None = None,
+        ignore_mask: Tensor | None = None,
+        encoder: nn.Module | None = None,
+        mix_state: Any = None,
+    ) -> dict[str, Any]:
+        """``emb: [B, D]`` this rank's queries; ``ref_emb: [B_ref, D]`` its references (None: ``emb`` itself);
+        ``labels [B]`` / ``ref_labels [B_ref]`` and/or ``pos_mask`` / ``ignore_mask`` bool ``[B, B_ref]``;
+        ``encoder`` and ``mix_state`` for a Metrix-like mixer. Returns the outputs dict."""
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return self._step(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, encoder, mix_state)
+
+    def _step(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, encoder, mix_state) -> dict[str, Any]:
+        # float32 distances, logits and losses whatever the encoders' autocast dtype (float64 stays)
+        emb = emb.to(work_dtype(emb.dtype))
+        ref_emb = None if ref_emb is None else ref_emb.to(work_dtype(ref_emb.dtype))
+        self._check(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask)
+        if ref_emb is None and ref_labels is None:
+            ref_labels = labels
+        local_emb, local_labels = emb, labels
+        simple = ref_emb is None and pos_mask is None and ignore_mask is None and self.memory is None and self.gather != "local"
+        if simple:
+            out = self._labels_step(emb, labels)
+        else:
+            out = self._masks_step(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask)
+        loss = out["loss"]
+        out["mix_loss"] = None
+        if self.mixer is not None and not hasattr(self.mixer, "mix_spec"):
+            mix_loss = self.mixer(encoder, mix_state, local_emb, local_labels, self.loss)
+            out["mix_loss"], loss = mix_loss.detach(), loss + mix_loss
+        if self.gather == "local":
+            loss = self._local_scale(loss, len(local_emb))
+        out["loss"] = loss
+        if self.memory is not None:
+            refs = local_emb if ref_emb is None else ref_emb
+            ref_l = ref_labels if ref_labels is not None else torch.zeros(len(refs), dtype=torch.long, device=refs.device)
+            self.memory.enqueue(all_gather_no_grad(refs.detach()), all_gather_no_grad(ref_l))
+        return out
+
+    # ----------------------------------------------------------------------------- two paths
+    def _labels_step(self, emb: Tensor, labels: Tensor) -> dict[str, Any]:
+        """One view, labels, no memory: the loss on the (gathered) batch against itself."""
+        if self.gather == "global":
+            emb, labels = all_gather_with_grad(emb), all_gather_no_grad(labels)
+        mined = self.miner(emb, labels) if self.miner is not None else None
+        loss = self.loss(emb, labels, mined)
+        return self._outputs(loss, emb, labels, None, None, None, None, mined)
+
+    def _masks_step(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask) -> dict[str, Any]:
+        """Queries against ``[memory; references]`` with relevance as masks."""
+        device = emb.device
+        same = ref_emb is None
+        refs = emb if same else ref_emb
+        rank, world = _world()
+        q_sizes = _sizes(len(emb), device) if self.gather != "none" else [len(emb)]
+        r_sizes = q_sizes if same else (_sizes(len(refs), device) if self.gather != "none" else [len(refs)])
+        r_rank = rank if self.gather != "none" else 0
+        # this rank's block, [B, B_ref]: positives and pairs to ignore
+        pos_b = self._local_pos(labels, ref_labels, pos_mask, len(emb), len(refs), device)
+        ign_b = torch.zeros_like(pos_b) if ignore_mask is None else ignore_mask.to(device).bool()
+        if same:
+            ign_b = ign_b | torch.eye(len(emb), dtype=torch.bool, device=device)
+
+        if self.gather == "global":
+            queries = all_gather_with_grad(emb)
+            q_labels = all_gather_no_grad(labels) if labels is not None else None
+            batch_refs = queries if same else all_gather_with_grad(refs)
+            r_labels = q_labels if same else (all_gather_no_grad(ref_labels) if ref_labels is not None else None)
+            pos = self._block_diag(pos_b, q_sizes, r_sizes, labels_q=q_labels, labels_r=r_labels)
+            ign = self._block_diag(ign_b, q_sizes, r_sizes)
+        elif self.gather == "local":
+            queries, q_labels = emb, labels
+            batch_refs = all_gather_with_grad(refs)
+            r_labels = all_gather_no_grad(ref_labels) if ref_labels is not None else None
+            start = sum(r_sizes[:r_rank])
+            pos = self._cross(q_labels, r_labels, len(queries), len(batch_refs), device)
+            pos[:, start : start + len(refs)] = pos_b
+            ign = torch.zeros_like(pos)
+            ign[:, start : start + len(refs)] = ign_b
+        else:
+            queries, q_labels, batch_refs, r_labels, pos, ign = emb, labels, refs, ref_labels, pos_b, ign_b
+        if not self.in_batch_negatives:
+            ign = ign | ~pos
+
+        ref_all, ref_labels_all = batch_refs, r_labels
+        mem_emb = None
+        if self.memory is not None and len(self.memory) > 0:
+            mem_emb, mem_labels = self.memory.filled()
+            # the buffer is overwritten in place by the next enqueue: keep a copy
+            mem_emb, mem_labels = mem_emb.detach().clone().to(queries.dtype), mem_labels.clone().to(device)
+            mem_pos = torch.zeros(len(queries), len(mem_emb), dtype=torch.bool, device=device)
+            mem_ign = torch.zeros_like(mem_pos)
+            if q_labels is not None:
+                same_label = q_labels.unsqueeze(1) == mem_labels.unsqueeze(0)
+                if self.memory_same_label == "positive":
+                    mem_pos = same_label
+                else:
+                    mem_ign = same_label
+            pos, ign = torch.cat([mem_pos, pos], 1), torch.cat([mem_ign, ign], 1)
+            ref_all = torch.cat([mem_emb, batch_refs])
+            mem_l = mem_labels if q_labels is not None else torch.full((len(mem_emb),), -1, dtype=torch.long, device=device)
+            ref_labels_all = None if r_labels is None else torch.cat([mem_l, r_labels.to(device)])
+
+        mined = self._mine(queries, q_labels, ref_all, ref_labels_all, pos, ign)
+        if self.mixer is not None and hasattr(self.mixer, "mix_spec") and mem_emb is not None:
+            use_labels = q_labels is not None and self.memory_same_label == "ignore"
+            spec = self.mixer.mix_spec(queries, mem_emb, q_labels if use_labels else None, mem_labels if use_labels else None)
+            if len(spec):
+                mined = dataclasses.replace(_listed_pairs(mined), mix=spec)
+        if _takes(self.loss, "pos_mask"):
+            loss = self.loss(queries, None, mined, ref_all, None, pos_mask=pos, ignore_mask=ign)
+        else:  # a loss without the mask API: placeholder labels, the tuples come from ``mined``
+            labels_ = torch.arange(len(queries), device=device)
+            loss = self.loss(queries, labels_, mined, ref_all, -1 - torch.arange(len(ref_all), device=device))
+        return self._outputs(loss, queries, q_labels, ref_all, ref_labels_all, pos, ign, mined)
+
+    def _mine(self, queries, q_labels, refs, ref_labels, pos, ign) -> Mined:
+        if self.miner is None:
+            return Mined.from_masks(pos & ~ign, ~pos & ~ign)
+        if _takes(self.miner, "pos_mask"):
+            return self.miner(queries, None, refs, None, pos_mask=pos, ignore_mask=ign)
+        if q_labels is None or ref_labels is None:
+            raise ValueError(
+                f"EmbeddingStep: {type(self.miner).__name__} takes labels only (no pos_mask= keyword) and this "
+                f"step has relevance as masks; give labels, or a miner that takes pos_mask/ignore_mask"
+            )
+        mined = self.miner(queries, q_labels, refs, ref_labels)
+        if not isinstance(mined, Mined):
+            mined = Mined.from_tuple(tuple(mined))
+        return drop_ignored(mined, ign)
+
+    # ------------------------------------------------------------------------------ relevance
+    @staticmethod
+    def _local_pos(labels, ref_labels, pos_mask, n, m, device) -> Tensor:
+        if pos_mask is not None:
+            return pos_mask.to(device).bool()
+        if labels is None or ref_labels is None:
+            raise ValueError("EmbeddingStep: give labels (and ref_labels for a second view) or a pos_mask")
+        return labels.to(device).unsqueeze(1) == ref_labels.to(device).unsqueeze(0)
+
+    @staticmethod
+    def _cross(q_labels, r_labels, n, m, device) -> Tensor:
+        """Pairs across ranks: positives by labels when both sides have them, else none (negatives)."""
+        if q_labels is None or r_labels is None:
+            return torch.zeros(n, m, dtype=torch.bool, device=device)
+        return q_labels.to(device).unsqueeze(1) == r_labels.to(device).unsqueeze(0)
+
+    def _block_diag(self, block: Tensor, q_sizes, r_sizes, labels_q=None, labels_r=None) -> Tensor:
+        """The global ``[sum Q, sum R]`` mask from every rank's ``[Q_r, R_r]`` block; off the blocks:
+        positives by labels (``labels_q``/``labels_r``), else False."""
+        nq, nr = sum(q_sizes), sum(r_sizes)
+        out = self._cross(labels_q, labels_r, nq, nr, block.device)
+        if len(q_sizes) == 1:
+            return block.clone()
+        padded = torch.zeros(len(block), max(r_sizes), dtype=torch.bool, device=block.device)
+        padded[:, : block.shape[1]] = block
+        rows = all_gather_no_grad(padded)  # [sum Q, max R]
+        q0 = r0 = 0
+        for qs, rs in zip(q_sizes, r_sizes):
+            out[q0 : q0 + qs, r0 : r0 + rs] = rows[q0 : q0 + qs, :rs]
+            q0, r0 = q0 + qs, r0 + rs
+        return out
+
+    # ---------------------------------------------------------------------------------- misc
+    @staticmethod
+    def _local_scale(loss: Tensor, n_local: int) -> Tensor:
+        """Scale this rank's loss by ``W * B_local / B_global``; its value becomes the global loss."""
+        if not dist_ready():
+            return loss
+        sizes = _sizes(n_local, loss.device)
+        scaled = loss * (len(sizes) * n_local / sum(sizes))
+        total = scaled.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return scaled + (total / len(sizes) - scaled.detach())
+
+    @staticmethod
+    def _outputs(loss, emb, labels, ref_emb, ref_labels, pos, ign, mined) -> dict[str, Any]:
+        return {
+            "loss": loss,
+            "emb": emb.detach(),
+            "labels": None if labels is None else labels.detach(),
+            "ref_emb": None if ref_emb is None else ref_emb.detach(),
+            "ref_labels": None if ref_labels is None else ref_labels.detach(),
+            "pos_mask": pos,
+            "ignore_mask": ign,
+            # without the miner's distance matrices: they hold the graph-free [B, M] matrices
+            "mined": None if mined is None else mined.without_matrices(),
+        }
+
+    @staticmethod
+    def _check(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask) -> None:
+        if emb.dim() != 2:
+            raise ValueError(f"EmbeddingStep: emb has shape {tuple(emb.shape)}; expected [B, D]")
+        if ref_emb is not None and (ref_emb.dim() != 2 or ref_emb.shape[1] != emb.shape[1]):
+            raise ValueError(f"EmbeddingStep: ref_emb has shape {tuple(ref_emb.shape)}; expected [B_ref, {emb.shape[1]}]")
+        n_ref = len(emb) if ref_emb is None else len(ref_emb)
+        for name, mask in (("pos_mask", pos_mask), ("ignore_mask", ignore_mask)):
+            if mask is not None and tuple(mask.shape) != (len(emb), n_ref):
+                raise ValueError(f"EmbeddingStep: {name} has shape {tuple(mask.shape)}; expected [{len(emb)}, {n_ref}] (queries x this rank's references)")
+        if labels is not None and len(labels) != len(emb):
+            raise ValueError(f"EmbeddingStep: {len(labels)} labels for {len(emb)} embeddings")
+        if ref_labels is not None and len(ref_labels) != n_ref:
+            raise ValueError(f"EmbeddingStep: {len(ref_labels)} ref_labels for {n_ref} references")
+        if labels is None and pos_mask is None:
+            raise ValueError("EmbeddingStep: no relevance: give labels or a pos_mask")
+
+
+def _listed_pairs(mined: Mined) -> Mined:
+    """Pairs as index lists (what a ``MixSpec`` is appended to)."""
+    if not mined.has_masks:
+        return mined
+    a1, p, a2, n, pw, nw = mined.as_pairs()
+    return Mined.from_pairs(a1, p, a2, n, pw, nw)
+
+
+def drop_ignored(mined: Mined, ignore: Tensor) -> Mined:
+    """``mined`` without the tuples that use an ignored pair: ``ignore [B, M]`` bool, anchor x reference."""
+    if not bool(ignore.any()):
+        return mined
+    changes: dict[str, Any] = {}
+    for name, weights in (("pos_pairs", "pos_weights"), ("neg_pairs", "neg_weights")):
+        pairs = getattr(mined, name)
+        if pairs is not None:
+            a, r = pairs
+            keep = ~ignore[a, r]
+            changes[name] = (a[keep], r[keep])
+            if getattr(mined, weights) is not None:
+                changes[weights] = getattr(mined, weights)[keep]
+    for name in ("pos_mask", "neg_mask"):
+        mask = getattr(mined, name)
+        if mask is not None:
+            changes[name] = mask.masked_fill(ignore, False if mask.dtype == torch.bool else 0)
+    if mined.triplets is not None:
+        a, p, n = mined.triplets
+        keep = ~ignore[a, p] & ~ignore[a, n]
+        changes["triplets"] = (a[keep], p[keep], n[keep])
+        if mined.triplet_weights is not None:
+            changes["triplet_weights"] = mined.triplet_weights[keep]
+    if mined.triplet_mask is not None:
+        positives, mask = mined.triplet_mask
+        rows = torch.arange(len(positives), device=positives.device).unsqueeze(1)
+        keep = ~ignore[rows, positives].unsqueeze(2) & ~ignore.unsqueeze(1)  # [B, K, M]
+        changes["triplet_mask"] = TripletMask(positives, mask * keep if mask.dtype != torch.bool else mask & keep)
+    return dataclasses.replace(mined, **changes)
