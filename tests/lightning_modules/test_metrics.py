@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-import lightning_modules.metrics as metrics_module
+import lightning_modules.metrics.index as index_module
 from lightning_modules.metrics import (
     QueryGalleryRetrievalMetrics,
     RetrievalMetrics,
@@ -152,12 +152,12 @@ def test_chunks_bound_the_search_and_do_not_change_the_result(monkeypatch: pytes
     emb, labels = clustered(3)
     whole = retrieval_metrics(emb, labels, ks=KS, chunk_size=10_000)
     searched_rows: list[int] = []
-    real_faiss = metrics_module.faiss
-    flat_ip = real_faiss.IndexFlatIP
+    real_faiss = index_module.faiss
+    flat = real_faiss.IndexFlat
 
     class RecordingIndex:
-        def __init__(self, dim: int) -> None:
-            self.inner = flat_ip(dim)
+        def __init__(self, dim: int, metric: int) -> None:
+            self.inner = flat(dim, metric)
 
         def add(self, x: np.ndarray) -> None:
             self.inner.add(x)
@@ -166,7 +166,7 @@ def test_chunks_bound_the_search_and_do_not_change_the_result(monkeypatch: pytes
             searched_rows.append(len(x))
             return self.inner.search(x, k)
 
-    monkeypatch.setattr(real_faiss, "IndexFlatIP", RecordingIndex)
+    monkeypatch.setattr(real_faiss, "IndexFlat", RecordingIndex)
     chunked = retrieval_metrics(emb, labels, ks=KS, chunk_size=7)
     assert chunked == pytest.approx(whole, abs=1e-12)  # only the summation order differs
     assert max(searched_rows) == 7 and sum(searched_rows) <= len(emb)

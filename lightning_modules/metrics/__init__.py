@@ -1,0 +1,45 @@
+"""Evaluation: retrieval metrics on one shared faiss index helper, sharded across DDP ranks.
+
+Files, one concept each:
+
+- :mod:`.index`: the faiss helper (``build_index``, ``search``, ``iter_search``, ``merge_topk``,
+  ``kmeans``): flat / IVF / HNSW, inner product or L2, GPU when present, bounded memory.
+- :mod:`.sharded`: ``sharded_search``: a reference set split across ranks, top-k lists merged.
+- :mod:`.knn_scores`: Recall@K, Precision@1, R-Precision, MAP@R from neighbour lists.
+- :mod:`.nmi`: NMI of labels against k-means.
+- :mod:`.retrieval`: ``retrieval_metrics``, the pure function for embeddings in memory.
+- :mod:`.embedding_store`, :mod:`.retrieval_metric`, :mod:`.query_gallery`: the torchmetrics
+  ``Metric`` classes ``RetrievalMetrics`` (a set against itself: CUB, Cars, SOP) and
+  ``QueryGalleryRetrievalMetrics`` (In-Shop).
+
+Names are loaded on first use, so ``lightning_modules.metrics.index`` does not import torchmetrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "retrieval_metrics": "retrieval",
+    "normalized_mutual_info": "nmi",
+    "RetrievalMetrics": "retrieval_metric",
+    "QueryGalleryRetrievalMetrics": "query_gallery",
+    "EmbeddingStore": "embedding_store",
+    "search": "index",
+    "build_index": "index",
+    "kmeans": "index",
+    "sharded_search": "sharded",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,76 @@
+"""Input checks shared by the retrieval function and the Metric classes; errors name the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Distance = Literal["cosine", "euclidean"]
+ArrayLike = Tensor | np.ndarray
+DISTANCES = ("cosine", "euclidean")
+
+
+def check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks!r}")
+    return tuple(dict.fromkeys(ks))
+
+
+def as_embeddings(x: Any, name: str) -> Tensor:
+    t = as_tensor(x, name)
+    if t.dim() != 2 or not t.is_floating_point() or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty floating-point array [N, D], got {describe(t)}")
+    check_finite(t, name)
+    return t
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    finite = torch.isfinite(t).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(f"{name} has NaN or Inf in rows {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+
+
+def as_labels(x: Any, name: str, n: int, emb_name: str) -> Tensor:
+    t = as_tensor(x, name)
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer array [N] of class labels, got {describe(t)}")
+    if len(t) != n:
+        raise ValueError(f"{name} has {len(t)} entries but {emb_name} has {n} rows; expected one label per embedding")
+    return t.long()
+
+
+def as_tensor(x: Any, name: str) -> Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)} dtype {t.dtype}"
+
+
+def check_update(emb: Tensor, labels: Tensor, index: Tensor | None, owner: str) -> None:
+    if not isinstance(emb, Tensor) or emb.dim() != 2 or not emb.is_floating_point():
+        raise ValueError(f"{owner}.update: emb must be a floating-point tensor [B, D], got {emb!r:.80}")
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point() or len(labels) != len(emb):
+        raise ValueError(
+            f"{owner}.update: labels must be an integer tensor [B] with B = {len(emb)} (one per embedding), "
+            f"got {describe(labels) if isinstance(labels, Tensor) else type(labels).__name__}"
+        )
+    if index is not None and (
+        not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point() or len(index) != len(emb)
+    ):
+        raise ValueError(f"{owner}.update: index must be an integer tensor [B] with B = {len(emb)} (one per embedding)")
