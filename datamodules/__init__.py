@@ -1,7 +1,8 @@
-"""DataModules for labelled-image retrieval benchmarks, their datasets, transforms and samplers."""
+"""DataModules for retrieval benchmarks (images; text builds on the same base), their datasets, input pipelines and samplers."""
 
-from datamodules.base import MetricLearningDataModule
-from datamodules.datasets import ArrayImageDataset, ImageFileDataset, Indexed, LabelledDataset, QueryGalleryDataset
+from datamodules.base import MetricLearningDataModule, RetrievalDataModule
+from datamodules.datasets import ArrayImageDataset, ImageFileDataset, Indexed, LabelledDataset, QueryGalleryDataset, TextDataset
+from datamodules.inputs import ImageInputs, InputPipeline, TextInputs
 from datamodules.digits import DigitsDataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.cub200 import CUB200DataModule
@@ -12,7 +13,12 @@ from datamodules.metadata import DatasetFormatError
 from datamodules.samplers import ClassBalancedBatchSampler
 
 __all__ = [
+    "RetrievalDataModule",
     "MetricLearningDataModule",
+    "InputPipeline",
+    "ImageInputs",
+    "TextInputs",
+    "TextDataset",
     "ArrayImageDataset",
     "ImageFileDataset",
     "Indexed",

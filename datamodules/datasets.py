@@ -158,6 +158,24 @@ class QueryGalleryDataset(LabelledDataset):
                 part.verify(num_threads)
 
 
+class TextDataset(LabelledDataset):
+    """Labelled texts held in memory: ``{"text": str, "label": int}`` items (tokenized per batch by
+    ``datamodules.inputs.TextInputs``, not per item)."""
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
+        if len(texts) != len(labels):
+            raise ValueError(f"TextDataset: {len(texts)} texts but {len(labels)} labels")
+        self.texts = list(texts)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"text": self.texts[index], "label": int(self.labels[index])}
+
+    def subset(self, indices: np.ndarray) -> "TextDataset":
+        indices = np.asarray(indices, dtype=np.int64)
+        return self._copy_item_arrays(TextDataset([self.texts[i] for i in indices], self.labels[indices]), indices)
+
+
 class Indexed(Dataset):
     """Wrap a dataset so items carry their index: ``{"image", "label", "index"}``.
 

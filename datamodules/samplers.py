@@ -1,12 +1,29 @@
-"""Batch construction as mining: the class-balanced P x K batch sampler."""
+"""Batch construction as mining: the batch-sampler factory contract and the class-balanced P x K batch sampler."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+class BatchSamplerFactory(Protocol):
+    """What a DataModule's ``batch_sampler`` argument is: called once per rank with the train labels
+    and this process's place in DDP, it returns the rank's batch sampler (an iterable of index lists
+    with ``__len__``; a ``set_epoch(epoch)`` method is called each epoch when present).
+
+    Every rank must build batches of the same structure over disjoint shards, deterministically from
+    ``seed`` (no communication). A sampler class whose constructor takes ``labels`` first and
+    ``rank``, ``world_size``, ``seed`` as keywords is such a factory; from YAML it is written as
+    ``class_path`` + ``init_args`` (its other arguments), e.g. ``ClassBalancedBatchSampler``.
+    Annotate ``labels`` (e.g. ``Sequence[int]``): jsonargparse rejects an untyped mandatory
+    parameter when the DataModule itself is given by ``class_path``.
+    """
+
+    def __call__(self, labels: Sequence[int], /, *, rank: int, world_size: int, seed: int) -> Sampler: ...
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):

@@ -23,7 +23,7 @@ subcommands:
   grid       run an ablation grid on Ray Tune (rerun to resume): hardneg grid experiments/grids/quickstart.yaml
   report     tables (mean +/- std over seeds) and plots of a grid: hardneg report runs/grids/quickstart
   zoo        list the encoder presets with their embedding size and weight source
-  data       check a benchmark folder and print its split sizes: hardneg data check --data CONFIG.yaml [--verify]
+  data       check a DataModule (and every check fit runs) and print its split sizes: hardneg data check --data CONFIG.yaml [--verify]
 
 Run `hardneg SUBCOMMAND --help` for the options of one subcommand.
 """

@@ -1,4 +1,4 @@
-"""``hardneg data check``: check a benchmark folder and print its split sizes, before any training.
+"""``hardneg data check``: check a DataModule's data and print its split sizes, before any training.
 
     hardneg data check --data experiments/recipes/metrix_contrastive_cub.yaml \\
         --data.init_args.root=/datasets/CUB_200_2011 [--verify]
@@ -6,8 +6,12 @@
 ``--data`` takes a full run config (its ``data:`` section is used) or a data-only fragment
 (``class_path``/``init_args``, with or without a top-level ``data:`` key). Further
 ``--data.init_args.KEY=VALUE`` arguments override it, as with ``hardneg fit``. The DataModule is
-built with jsonargparse and ``setup()`` runs every check of its folder (missing root or metadata
-file, unparsable line, listed image absent, class counts); ``--verify`` also decodes every image.
+built with jsonargparse (any ``LightningDataModule``: the benchmark folders, Fashion-MNIST, digits,
+a text DataModule, the two-view wrapper) and its splits are built: ``prepare_splits()`` of a
+``datamodules.RetrievalDataModule`` runs every check of its data (missing root or metadata file,
+unparsable line, listed image absent, class counts) without needing the encoder (a text
+DataModule's tokenizer comes from it); another DataModule runs ``setup("fit")``. ``--verify`` also
+loads every item (decodes every image).
 Then it runs the pre-flight checks of ``hardneg fit`` (``experiments.preflight``): P x K against the
 size of every train class and, for a run config, its model against the data (``num_classes``,
 ``embedding_size``, miner/loss/memory compatibility). The model's components are built from the
@@ -49,10 +53,10 @@ def build_datamodule(spec: dict[str, Any], overrides: list[str]):
     """Instantiate the spec with jsonargparse (type-checked like LightningCLI), applying ``--data.*`` overrides."""
     from jsonargparse import ArgumentParser
 
-    from datamodules import MetricLearningDataModule
+    from lightning import LightningDataModule
 
     parser = ArgumentParser(prog="hardneg data check", exit_on_error=False)
-    parser.add_subclass_arguments(MetricLearningDataModule, "data", required=True)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     cfg = parser.parse_args(["--data", json.dumps(spec), *overrides])
     return parser.instantiate_classes(cfg).data
 
@@ -129,14 +133,55 @@ def world_size(config: dict[str, Any]) -> int:
     return (devices if isinstance(devices, int) and devices > 0 else 1) * (nodes if isinstance(nodes, int) else 1)
 
 
+def describe(datamodule) -> str:
+    """``module.Class  root=...`` of a DataModule, and of the one a wrapper (``TwoViewDataModule``) wraps."""
+    text = f"{type(datamodule).__module__}.{type(datamodule).__name__}"
+    inner = getattr(datamodule, "datamodule", None)
+    if inner is not None:
+        return f"{text} wrapping {describe(inner)}"
+    return f"{text}  root={getattr(datamodule, 'root', '-')}"
+
+
 def format_report(datamodule) -> str:
-    sizes = datamodule.split_sizes()
-    lines = [f"{'split':<10}{'images':>10}{'classes':>10}"]
-    lines += [f"{name:<10}{row['images']:>10,}{row['classes']:>10,}" for name, row in sizes.items()]
-    protocol = {"self": "every test image a query against the others", "query_gallery": "query set against gallery"}
-    lines.append(f"protocol: {protocol.get(datamodule.eval_protocol, datamodule.eval_protocol)}")
-    lines.append(f"recall@K: {', '.join(str(k) for k in datamodule.recall_ks)}")
+    """Split sizes (items or images, classes) and, when the DataModule declares them, its evaluation protocol
+    and Recall@K; a DataModule without ``split_sizes`` gets its datasets' lengths."""
+    sizes = datamodule.split_sizes() if callable(getattr(datamodule, "split_sizes", None)) else dataset_sizes(datamodule)
+    if not sizes:
+        return "(the DataModule exposes no datasets)"
+    noun = next(k for k in next(iter(sizes.values())) if k != "classes")
+    lines = [f"{'split':<10}{noun:>10}{'classes':>10}"]
+    lines += [f"{name:<10}{row[noun]:>10,}{row['classes']:>10,}" if row.get("classes") is not None else f"{name:<10}{row[noun]:>10,}{'-':>10}"
+              for name, row in sizes.items()]
+    protocol = {"self": "every test item a query against the others", "query_gallery": "query set against gallery"}
+    eval_protocol = getattr(datamodule, "eval_protocol", None)
+    if eval_protocol is not None:
+        lines.append(f"protocol: {protocol.get(eval_protocol, eval_protocol)}")
+    if getattr(datamodule, "recall_ks", None):
+        lines.append(f"recall@K: {', '.join(str(k) for k in datamodule.recall_ks)}")
     return "\n".join(lines)
+
+
+def dataset_sizes(datamodule) -> dict[str, dict[str, Any]]:
+    """``{split: {"items", "classes"}}`` from ``train_dataset``/``val_dataset``/``test_dataset`` attributes."""
+    import numpy as np
+
+    out = {}
+    for name in ("train", "val", "test"):
+        ds = getattr(datamodule, f"{name}_dataset", None)
+        if ds is None:
+            continue
+        labels = getattr(ds, "labels", None)
+        out[name] = {"items": len(ds), "classes": int(len(np.unique(labels))) if labels is not None else None}
+    return out
+
+
+def build_splits(datamodule) -> None:
+    """Every check of the data that needs no model: ``prepare_splits()`` when the DataModule has it, else ``setup``."""
+    prepare = getattr(datamodule, "prepare_splits", None)
+    if callable(prepare):
+        prepare()
+    else:
+        datamodule.setup("fit")
 
 
 def check(argv: list[str]) -> int:
@@ -155,8 +200,10 @@ def check(argv: list[str]) -> int:
     try:
         datamodule = build_datamodule(load_data_spec(Path(args.data)), overrides)
         if args.verify:
-            datamodule.verify = True
-        datamodule.setup("fit")
+            for dm in (datamodule, getattr(datamodule, "datamodule", None)):
+                if dm is not None and hasattr(dm, "verify"):
+                    dm.verify = True
+        build_splits(datamodule)
         run_config = load_run_config(Path(args.data))
         components, embed_dim = model_components(run_config)
         # The same checks as hardneg fit's (HardnegCLI.before_fit), on the same DataModule.
@@ -168,9 +215,9 @@ def check(argv: list[str]) -> int:
         lines = [f"hardneg data check: FAILED: hardneg fit would stop at {len(problems)} problem(s) before training:"]
         print("\n".join(lines + [f"  - {p}" for p in problems]), file=sys.stderr)
         return 1
-    print(f"{type(datamodule).__module__}.{type(datamodule).__name__}  root={getattr(datamodule, 'root', '-')}")
+    print(describe(datamodule))
     print(format_report(datamodule))
-    print(f"OK: metadata parsed, every listed image present{', every image decoded' if args.verify else ''}")
+    print(f"OK: splits built, every check of the data passed{', every item loaded' if args.verify else ''}")
     return 0
 
 

@@ -60,7 +60,9 @@ class RunFacts:
         train_labels: the 0-based label of every training item.
         class_name: how the dataset names the class of a label (``"002.Laysan_Albatross"``).
         data_name: the DataModule's class name (for messages).
-        classes_per_batch, samples_per_class, repeat_small_classes: the P x K sampler settings.
+        classes_per_batch, samples_per_class, repeat_small_classes: the P x K sampler settings
+            (``None``: the train batches have no declared P x K, e.g. an injected cluster sampler).
+        sampler_option: where those settings are configured (for messages).
         world_size: processes that each draw P classes per step.
     """
 
@@ -72,6 +74,7 @@ class RunFacts:
     classes_per_batch: int | None = None
     samples_per_class: int | None = None
     repeat_small_classes: bool = False
+    sampler_option: str = "data.init_args"
     world_size: int = 1
 
     @property
@@ -110,9 +113,14 @@ def run_facts(datamodule: Any = None, embed_dim: int | None = None, world_size: 
     namer = getattr(datamodule, "class_name", None)
     if callable(namer):
         facts.class_name = namer
-    facts.classes_per_batch = getattr(datamodule, "classes_per_batch", None)
-    facts.samples_per_class = getattr(datamodule, "samples_per_class", None)
-    facts.repeat_small_classes = bool(getattr(datamodule, "repeat_small_classes", False))
+    pk = datamodule.pk_settings() if callable(getattr(datamodule, "pk_settings", None)) else {
+        key: getattr(datamodule, key, None) for key in ("classes_per_batch", "samples_per_class", "repeat_small_classes")}
+    if pk is not None:
+        facts.classes_per_batch = pk.get("classes_per_batch")
+        facts.samples_per_class = pk.get("samples_per_class")
+        facts.repeat_small_classes = bool(pk.get("repeat_small_classes", False))
+        if getattr(datamodule, "batch_sampler", None) is not None:  # P x K given to an injected ClassBalancedBatchSampler
+            facts.sampler_option = "data.init_args.batch_sampler.init_args"
     return facts
 
 
@@ -150,7 +158,7 @@ def check_data(facts: RunFacts) -> list[Problem]:
     if P * world > len(classes):
         ranks = f" x {world} processes" if world > 1 else ""
         problems.append(Problem(
-            "data.init_args.classes_per_batch",
+            f"{facts.sampler_option}.classes_per_batch",
             f"a batch draws {P * world} distinct classes (classes_per_batch={P}{ranks}) but the train split of "
             f"{facts.data_name} has {len(classes)}; set classes_per_batch <= {len(classes) // world}",
         ))
@@ -159,10 +167,10 @@ def check_data(facts: RunFacts) -> list[Problem]:
         shown = ", ".join(f"{facts.class_name(int(classes[i]))} ({counts[i]} images)" for i in small[:5])
         more = f" and {len(small) - 5} more" if len(small) > 5 else ""
         problems.append(Problem(
-            "data.init_args.samples_per_class",
+            f"{facts.sampler_option}.samples_per_class",
             f"samples_per_class={K} images per class in a batch, but {len(small)} train classes of {facts.data_name} "
             f"have fewer: {shown}{more}; set samples_per_class <= {int(counts.min())}, or "
-            f"data.init_args.repeat_small_classes: true to repeat their images",
+            f"{facts.sampler_option}.repeat_small_classes: true to repeat their images",
         ))
     return problems
 

@@ -75,7 +75,7 @@ def test_usage(capsys):
     assert "hardneg data check --data" in capsys.readouterr().out
     assert main(["data", "inspect"]) == 2
     assert main(["--help"]) == 0
-    assert "data       check a benchmark folder" in capsys.readouterr().out
+    assert "data       check a DataModule" in capsys.readouterr().out
 
 
 def test_rejects_what_fit_rejects_naming_the_dataset_class(tmp_path, capsys, no_training):
@@ -108,3 +108,76 @@ def test_run_config_checks_the_model_against_the_data(tmp_path, capsys):
     assert "labels 0..3 (4 classes); set num_classes: 4" in err
     assert "model.init_args.loss.init_args.embedding_size: ProxyAnchorLoss has embedding_size=128" in err
     assert "outputs 512-d embeddings" in err
+
+
+# ------------------------------------------------------------------ every DataModule, not only benchmark folders
+def test_digits(tmp_path, capsys):
+    cfg = fragment(tmp_path, "datamodules.DigitsDataModule", {"classes_per_batch": 5, "num_workers": 0})
+    assert main(["data", "check", "--data", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert "datamodules.digits.DigitsDataModule" in out and table["split"] == ["images", "classes"]
+    assert table["train"] == ["901", "5"] and table["test"] == ["896", "5"]
+    cfg = fragment(tmp_path, "datamodules.DigitsDataModule", {"train_classes": [0, 11]})
+    assert main(["data", "check", "--data", str(cfg)]) == 1
+    assert "digits train split: classes [11] have no samples" in capsys.readouterr().err
+
+
+def test_fashion_mnist(tmp_path, capsys):
+    from tests.datamodules.test_fashion_mnist import make_fashion
+
+    root = make_fashion(tmp_path / "fm")
+    cfg = fragment(tmp_path, "datamodules.FashionMNISTDataModule", {"root": str(root), "classes_per_batch": 5, "samples_per_class": 2})
+    assert main(["data", "check", "--data", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"root={root}" in out
+    table = rows(out)
+    assert table["train"] == ["30", "5"] and table["test"] == ["20", "5"]
+    # the defaults (P=8) ask for more classes than the 5 train classes: what fit would reject
+    cfg = fragment(tmp_path, "datamodules.FashionMNISTDataModule", {"root": str(root)})
+    assert main(["data", "check", "--data", str(cfg)]) == 1
+    assert "data.init_args.classes_per_batch: a batch draws 8 distinct classes" in capsys.readouterr().err
+    cfg = fragment(tmp_path, "datamodules.FashionMNISTDataModule", {"root": str(tmp_path / "none")})
+    assert main(["data", "check", "--data", str(cfg)]) == 1
+    assert "Fashion-MNIST root" in capsys.readouterr().err
+
+
+def test_fashion_mnist_debian_package(tmp_path, capsys):
+    from datamodules.fashion_mnist import DEBIAN_ROOT
+    from tests.helpers import require_path
+
+    require_path(DEBIAN_ROOT, "Debian package dataset-fashion-mnist")
+    cfg = fragment(tmp_path, "datamodules.FashionMNISTDataModule", {"classes_per_batch": 5})
+    assert main(["data", "check", "--data", str(cfg)]) == 0
+    table = rows(capsys.readouterr().out)
+    assert table["train"] == ["30,000", "5"] and table["test"] == ["5,000", "5"]
+
+
+def test_two_view_wrapper(tmp_path, capsys):
+    args = make_cub(tmp_path / "cub")
+    inner = {"class_path": "datamodules.CUB200DataModule", "init_args": {**args, "num_workers": 0}}
+    cfg = fragment(tmp_path, "datamodules.two_view_datamodule.TwoViewDataModule", {"datamodule": inner, "batch_size": 8})
+    assert main(["data", "check", "--data", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "TwoViewDataModule wrapping datamodules.cub200.CUB200DataModule" in out
+    table = rows(out)
+    assert table["train"] == ["16", "4"] and table["test"] == ["16", "4"]
+    inner["init_args"]["root"] = str(tmp_path / "missing")
+    cfg = fragment(tmp_path, "datamodules.two_view_datamodule.TwoViewDataModule", {"datamodule": inner})
+    assert main(["data", "check", "--data", str(cfg)]) == 1
+    assert f"root {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+def test_text_datamodule_and_injected_sampler(tmp_path, capsys):
+    """A text DataModule is checked without its tokenizer (it comes from the encoder); an injected
+    non-P x K sampler skips the P x K checks, an injected P x K one is checked under its own option."""
+    text = "tests.datamodules.test_text_and_sampler."
+    cfg = fragment(tmp_path, text + "TinyTextDataModule",
+                   {"batch_sampler": {"class_path": text + "FirstItemsBatchSampler", "init_args": {"batch_size": 4}}})
+    assert main(["data", "check", "--data", str(cfg)]) == 0  # default P=8 would need 8 classes: not used
+    table = rows(capsys.readouterr().out)
+    assert table["split"] == ["items", "classes"] and table["train"] == ["20", "4"] and table["test"] == ["10", "2"]
+    pk = {"class_path": "datamodules.ClassBalancedBatchSampler", "init_args": {"classes_per_batch": 5, "samples_per_class": 2}}
+    cfg = fragment(tmp_path, text + "TinyTextDataModule", {"batch_sampler": pk})
+    assert main(["data", "check", "--data", str(cfg)]) == 1
+    assert "data.init_args.batch_sampler.init_args.classes_per_batch: a batch draws 5 distinct classes" in capsys.readouterr().err
