@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from contracts.distances import BaseDistance
 from lightning_modules.step import EmbeddingStep
+from losses.grad_cache import GradCache
 from losses.shared_distance import check_distances, share_distance
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -60,6 +64,25 @@ class MetricLearningModule(L.LightningModule):
             distance of its own is an error. ``None``: each keeps its own, and a disagreement that
             changes what is mined is an error naming both (rules: ``losses.shared_distance``).
         allow_distance_mismatch: keep disagreeing distances on purpose: a warning instead of the error.
+        grad_cache_chunk_size: train with gradient caching (``losses.GradCache``; Gao et al., "Scaling
+            Deep Contrastive Learning Batch Size under Memory Limited Setup", RepL4NLP 2021): the
+            encoder runs on chunks of this many rows, so only one chunk's activations are in memory,
+            and the step (gather, memory, miner, loss) runs once on the full batch's embeddings; the
+            gradients equal the uncached step's. ``None``: no caching.
+
+    Gradient caching uses Lightning's manual optimisation and keeps what automatic optimisation does:
+    zero_grad/step through ``self.optimizers()``, the callbacks' ``on_before_backward`` (once, on the
+    loss) and ``on_before_optimizer_step`` (before the update: a ``DivergenceMonitor`` still stops a
+    non-finite step, ``HeadWarmup`` still drops the trunk's gradients), then clipping with the
+    Trainer's ``gradient_clip_val``/``gradient_clip_algorithm``, the learning-rate schedulers at
+    their interval, and the outputs dict for ``on_train_batch_end``. Lightning refuses
+    ``Trainer(gradient_clip_val=...)`` with a module that is in manual optimisation when ``fit``
+    starts (it would not clip), so the module switches to manual optimisation in ``setup("fit")``,
+    after that check, and clips itself (a second ``fit`` of the same module with clipping meets the
+    check in manual optimisation: build a new module). Under DDP every backward of the step runs in the DDP
+    wrapper's ``no_sync()`` and the gradients are averaged over ranks once, before the optimizer step.
+    Not with ``accumulate_grad_batches`` > 1, nor with a mixer that re-embeds (Metrix): its extra
+    encoder pass would run on the whole batch.
 
     ``training_step`` returns the step's outputs dict (``loss``, ``emb``, ``labels``, ``ref_emb``,
     ``mined`` ...: see ``lightning_modules.step``), which Lightning hands to callbacks as ``outputs``
@@ -90,9 +113,16 @@ class MetricLearningModule(L.LightningModule):
         mixer: nn.Module | None = None,
         distance: BaseDistance | None = None,
         allow_distance_mismatch: bool = False,
+        grad_cache_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "loss", "miner", "optimizer", "scheduler", "mixer", "distance"])
+        if grad_cache_chunk_size is not None and mixer is not None and hasattr(mixer, "embed"):
+            raise ValueError(
+                f"grad_cache_chunk_size={grad_cache_chunk_size}: {type(mixer).__name__} re-embeds the batch inside the step "
+                f"(mixer.embed), which gradient caching cannot chunk; drop the mixer or grad_cache_chunk_size"
+            )
+        self.grad_cache = None if grad_cache_chunk_size is None else GradCache(grad_cache_chunk_size)
         if distance is not None:
             share_distance(distance, (miner, loss, mixer), allow_mismatch=allow_distance_mismatch)
         check_distances((miner, loss, mixer), allow_mismatch=allow_distance_mismatch)
@@ -128,18 +158,97 @@ class MetricLearningModule(L.LightningModule):
         """The step's inputs for a training batch ``{"image", "label", ...}``: this regime's one view."""
         x = batch["image"]
         emb, mix_state = self.mixer.embed(self.encoder, x) if self.mixer is not None and hasattr(self.mixer, "embed") else (self.encoder(x), None)
-        return {"emb": emb, "labels": batch["label"], "encoder": self.encoder, "mix_state": mix_state}
+        return {**self.step_inputs_from(batch, emb), "encoder": self.encoder, "mix_state": mix_state}
+
+    def encoder_passes(self, batch: dict[str, Tensor]) -> list[tuple[nn.Module, Any]]:
+        """The encoder passes of ``embed`` that carry gradient, as ``GradCache`` pairs ``(encoder, inputs)``."""
+        return [(self.encoder, batch["image"])]
+
+    def step_inputs_from(self, batch: dict[str, Tensor], *embeddings: Tensor) -> dict[str, Any]:
+        """The step's inputs from the embeddings of ``encoder_passes`` (one ``[B, D]`` per pass)."""
+        (emb,) = embeddings
+        return {"emb": emb, "labels": batch["label"]}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        inputs = self.embed(batch)
-        outputs = self.step(**inputs)
-        batch_size = len(inputs["emb"])
+        if self.grad_cache is None:
+            inputs = self.embed(batch)
+            outputs = self.step(**inputs)
+            batch_size = len(inputs["emb"])
+        else:
+            outputs, batch_size = self._grad_cache_step(batch, batch_idx)
         self.log("train/loss", outputs["loss"], prog_bar=True, batch_size=batch_size)
         if outputs["mix_loss"] is not None:
             self.log("train/mix_loss", outputs["mix_loss"], batch_size=batch_size)
         if outputs["mined"] is not None and self.miner is not None:
             self.log("train/mined_tuples", float(len(outputs["mined"])), batch_size=batch_size)
         return outputs
+
+    # ------------------------------------------------------------------------- gradient caching
+    def _grad_cache_step(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[dict[str, Any], int]:
+        """One manual-optimisation step with the encoder passes chunked through ``GradCache``."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        passes = self.encoder_passes(batch)
+        outputs: dict[str, Any] = {}
+
+        def objective(*embeddings: Tensor) -> Tensor:
+            outputs.update(self.step(**self.step_inputs_from(batch, *embeddings)))
+            return outputs["loss"]
+
+        wrapper = self.trainer.strategy.model
+        if isinstance(wrapper, DistributedDataParallel):
+            sync = wrapper.no_sync  # DDP would all-reduce on every backward: each chunk's and the loss's
+        elif self.trainer.world_size > 1:
+            raise ValueError(
+                f"grad_cache_chunk_size: supported on one device or under DDP; the strategy "
+                f"{type(self.trainer.strategy).__name__} wraps the module in {type(wrapper).__name__}"
+            )
+        else:
+            sync = nullcontext
+        with sync():
+            loss = self.grad_cache(passes, objective, backward=self.manual_backward)
+        if isinstance(wrapper, DistributedDataParallel):
+            average_gradients(self.parameters())
+            wrapper.require_forward_param_sync = True  # broadcast buffers at the next forward, as after a synced backward
+        optimizer.step()
+        self._step_lr_schedulers(batch_idx)
+        first = passes[0][1]
+        batch_size = len(first) if isinstance(first, Tensor) else len(next(iter(first.values())))
+        return {**outputs, "loss": loss}, batch_size
+
+    def _step_lr_schedulers(self, batch_idx: int) -> None:
+        """What Lightning's loop does under automatic optimisation: "step" schedulers after every
+        ``frequency`` batches, "epoch" ones after the epoch's last batch (before validation)."""
+        trainer = self.trainer
+        last = trainer.is_last_batch or batch_idx + 1 == trainer.num_training_batches
+        for config in trainer.lr_scheduler_configs:
+            if config.reduce_on_plateau:
+                raise ValueError("grad_cache_chunk_size: a ReduceLROnPlateau scheduler is not supported under gradient caching")
+            if config.interval == "step":
+                due = (batch_idx + 1) % config.frequency == 0
+            else:
+                due = last and (trainer.current_epoch + 1) % config.frequency == 0
+            if due:
+                self.lr_scheduler_step(config.scheduler, None)
+
+    def setup(self, stage: str) -> None:
+        self.val_metrics = self.make_metrics()
+        self.test_metrics = self.make_metrics()
+        if stage == "fit" and self.grad_cache is not None:
+            if self.trainer.accumulate_grad_batches != 1:
+                raise ValueError(
+                    f"grad_cache_chunk_size: Trainer(accumulate_grad_batches={self.trainer.accumulate_grad_batches}) is not "
+                    f"supported; gradient caching already fits a large batch in memory: raise the batch size instead"
+                )
+            # after Lightning's configuration check, which rejects Trainer(gradient_clip_val) under manual optimisation
+            self.automatic_optimization = False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning clips after this hook under automatic optimisation only; clip here, at the same point
+        if not self.automatic_optimization:
+            self.configure_gradient_clipping(
+                optimizer, gradient_clip_val=self.trainer.gradient_clip_val, gradient_clip_algorithm=self.trainer.gradient_clip_algorithm
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before the shared step kept loss/miner/mixer (and MoCo's queue) at the top level.
@@ -171,10 +280,6 @@ class MetricLearningModule(L.LightningModule):
         protocol = getattr(datamodule, "eval_protocol", "self")
         metric = QueryGalleryRetrievalMetrics if protocol == "query_gallery" else RetrievalMetrics
         return metric(ks=tuple(ks), nmi=self.hparams.eval_nmi, distance=self.hparams.eval_distance)
-
-    def setup(self, stage: str) -> None:
-        self.val_metrics = self.make_metrics()
-        self.test_metrics = self.make_metrics()
 
     def _eval_step(self, metrics: nn.Module, batch: dict[str, Tensor]) -> None:
         from lightning_modules.metrics import QueryGalleryRetrievalMetrics
@@ -217,3 +322,17 @@ class MetricLearningModule(L.LightningModule):
         values = {k: float(v) for k, v in metrics.compute().items()}
         self.train(was_training)
         return values
+
+
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Average ``.grad`` over the ranks, in place: what DDP's reducer does, as one all-reduce per dtype.
+    Every rank must hold gradients for the same parameters (the same step's code on every rank)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    world = dist.get_world_size()
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, value in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(value.view_as(g))

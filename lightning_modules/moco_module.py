@@ -48,7 +48,8 @@ class MoCoModule(MetricLearningModule):
         mixer: optional ``MoCHi`` (anything with ``mix_spec(q, queue, labels, queue_labels)`` and ``set_epoch``).
         supervised: use the batch's class labels to exclude same-label queue entries.
         optimizer, scheduler, loss_lr, eval_distance, eval_ks, eval_nmi, distance,
-        allow_distance_mismatch: as ``MetricLearningModule``.
+        allow_distance_mismatch, grad_cache_chunk_size: as ``MetricLearningModule`` (gradient caching
+        chunks the query encoder; the keys need no gradient and are computed as without it).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class MoCoModule(MetricLearningModule):
         eval_nmi: bool = False,
         distance: BaseDistance | None = None,
         allow_distance_mismatch: bool = False,
+        grad_cache_chunk_size: int | None = None,
     ) -> None:
         if loss is None:
             from losses import NTXentLoss
@@ -78,7 +80,7 @@ class MoCoModule(MetricLearningModule):
         super().__init__(
             encoder=encoder, loss=loss, optimizer=optimizer, scheduler=scheduler, loss_lr=loss_lr, gather=False,
             eval_distance=eval_distance, eval_ks=eval_ks, eval_nmi=eval_nmi, mixer=mixer,
-            distance=distance, allow_distance_mismatch=allow_distance_mismatch,
+            distance=distance, allow_distance_mismatch=allow_distance_mismatch, grad_cache_chunk_size=grad_cache_chunk_size,
         )
         self.key_encoder = MomentumEncoder(encoder, momentum)
 
@@ -103,12 +105,22 @@ class MoCoModule(MetricLearningModule):
 
     def embed(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """Queries ``q = f_q(image)`` and keys ``k = f_k(image2)`` (the momentum encoder, updated first)."""
+        ((encoder, x),) = self.encoder_passes(batch)
+        return self.step_inputs_from(batch, encoder(x))
+
+    def encoder_passes(self, batch: dict[str, Tensor]) -> list[tuple[nn.Module, Any]]:
+        """The query encoder on the first view: the only pass with gradient."""
         if "image2" not in batch:
             raise ValueError(
                 f"MoCoModule: expected two views per image, batches with 'image' and 'image2'; got fields {sorted(batch)}. "
                 f"Wrap the DataModule in datamodules.two_view_datamodule.TwoViewDataModule"
             )
-        q = self.encoder(batch["image"])
+        return [(self.encoder, batch["image"])]
+
+    def step_inputs_from(self, batch: dict[str, Tensor], *embeddings: Tensor) -> dict[str, Any]:
+        """The keys (momentum encoder updated, then run on the second view), after the queries as in
+        MoCo's Algorithm 1, and the step's inputs."""
+        (q,) = embeddings
         self.key_encoder.update(self.encoder)
         k = self.key_encoder(batch["image2"]).detach()
         return self.step_inputs(q, k, batch["label"])

@@ -70,6 +70,11 @@ class GradCache:
       encoders are plain submodules of a DDP-wrapped LightningModule, DDP's hooks never see the
       encoder calls; the training step that runs this under manual optimisation must then sync
       the gradients itself (one all-reduce after the step, or this class with DDP-wrapped towers).
+    - ``backward``: step 2 calls ``backward(loss)`` in place of ``loss.backward()`` when given; a
+      LightningModule under manual optimisation passes ``self.manual_backward``, so the
+      ``on_before_backward``/``on_after_backward`` hooks see the loss once (not the chunks' slices)
+      and the precision plugin scales it; step 3 back-propagates the chunks with autograd directly.
+      It replaces ``scaler``: give one of them.
     - fp16: with ``scaler`` (a ``torch.amp.GradScaler``) step 2 back-propagates
       ``scaler.scale(loss)``, so the cached gradients, the objective's and the encoders' gradients
       are all scaled once; call ``scaler.step(optimizer)`` as usual. Autocast is whatever the caller
@@ -86,7 +91,14 @@ class GradCache:
         self.chunk_size = chunk_size
         self.scaler = scaler
 
-    def __call__(self, pairs: Sequence[tuple[nn.Module, EncoderInputs]], objective: Callable[..., Tensor]) -> Tensor:
+    def __call__(
+        self,
+        pairs: Sequence[tuple[nn.Module, EncoderInputs]],
+        objective: Callable[..., Tensor],
+        backward: Callable[[Tensor], Any] | None = None,
+    ) -> Tensor:
+        if backward is not None and self.scaler is not None:
+            raise ValueError("GradCache: give a scaler or a backward function, not both (Lightning's manual_backward scales the loss itself)")
         if len(pairs) == 0:
             raise ValueError("GradCache: pairs is empty; expected a sequence of (encoder, inputs)")
         chunked = [split_rows(inputs, self.chunk_size, k) for k, (_, inputs) in enumerate(pairs)]
@@ -116,7 +128,10 @@ class GradCache:
             for enc, buffers in zip(encoders, after_pass_1):
                 restore_buffers(enc, buffers)
             return loss.detach()  # nothing depends on the embeddings: no gradient anywhere
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if backward is not None:
+            backward(loss)
+        else:
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
         used = [leaf.grad is not None and any(p.requires_grad for p in enc.parameters()) for leaf, (enc, _) in zip(leaves, pairs)]
         last = last_chunk_of_each_encoder(pairs, chunked, used)

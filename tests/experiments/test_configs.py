@@ -1,7 +1,7 @@
 """Every config under ``experiments/`` instantiates and runs one ``fast_dev_run`` step.
 
 - Complete run configs (``quickstart/`` ...) run as they are.
-- Fragments (``miner/``, ``loss/``, ``encoder/``) run on top of the seconds-long digits config.
+- Fragments (``miner/``, ``loss/``, ``encoder/``, ``mixing/``, ``training/``) run on top of the seconds-long digits config.
 - Paper recipes (``recipes/``) need their benchmark's folder: ``tests/experiments/test_recipes.py``
   runs them on generated miniature copies of the official formats.
 - Grids (``grids/``) are not LightningCLI configs; the grid tests expand them.
@@ -17,7 +17,7 @@ from tests.helpers import run_cli
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 BASE = ROOT / "tests" / "configs" / "digits_tiny.yaml"
-FRAGMENT_DIRS = ("miner", "loss", "encoder", "mixing")
+FRAGMENT_DIRS = ("miner", "loss", "encoder", "mixing", "training")
 ELSEWHERE = ("recipes", "grids")
 
 
