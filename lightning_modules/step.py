@@ -62,7 +62,6 @@ The returned dict is what ``training_step`` returns and what callbacks read in
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import torch
@@ -71,19 +70,10 @@ from torch import Tensor, nn
 
 from contracts.dtypes import work_dtype
 from contracts.gather import all_gather_no_grad, all_gather_with_grad, dist_ready
-from contracts.mined import Mined, TripletMask
+from contracts.mined import Mined
 
 GATHER_MODES = ("global", "local", "none")
 MEMORY_SAME_LABEL = ("positive", "ignore")
-
-
-def _takes(component: Any, name: str) -> bool:
-    """Whether ``component(...)`` accepts the keyword ``name`` (the relevance-mask API)."""
-    fn = getattr(component, "forward", component)
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _world() -> tuple[int, int]:
@@ -241,33 +231,21 @@ class EmbeddingStep(nn.Module):
             mem_l = mem_labels if q_labels is not None else torch.full((len(mem_emb),), -1, dtype=torch.long, device=device)
             ref_labels_all = None if r_labels is None else torch.cat([mem_l, r_labels.to(device)])
 
-        mined = self._mine(queries, q_labels, ref_all, ref_labels_all, pos, ign)
+        mined = self._mine(queries, ref_all, pos, ign)
         if self.mixer is not None and hasattr(self.mixer, "mix_spec") and mem_emb is not None:
             use_labels = q_labels is not None and self.memory_same_label == "ignore"
             spec = self.mixer.mix_spec(queries, mem_emb, q_labels if use_labels else None, mem_labels if use_labels else None)
             if len(spec):
                 mined = dataclasses.replace(_listed_pairs(mined), mix=spec)
-        if _takes(self.loss, "pos_mask"):
-            loss = self.loss(queries, None, mined, ref_all, None, pos_mask=pos, ignore_mask=ign)
-        else:  # a loss without the mask API: placeholder labels, the tuples come from ``mined``
-            labels_ = torch.arange(len(queries), device=device)
-            loss = self.loss(queries, labels_, mined, ref_all, -1 - torch.arange(len(ref_all), device=device))
+        loss = self.loss(queries, None, mined, ref_all, None, pos_mask=pos, ignore_mask=ign)
         return self._outputs(loss, queries, q_labels, ref_all, ref_labels_all, pos, ign, mined)
 
-    def _mine(self, queries, q_labels, refs, ref_labels, pos, ign) -> Mined:
+    def _mine(self, queries, refs, pos, ign) -> Mined:
+        """The miner's tuples (every valid pair without a miner); relevance reaches it as masks, the
+        contract every miner follows (``miners.BaseMiner``)."""
         if self.miner is None:
             return Mined.from_masks(pos & ~ign, ~pos & ~ign)
-        if _takes(self.miner, "pos_mask"):
-            return self.miner(queries, None, refs, None, pos_mask=pos, ignore_mask=ign)
-        if q_labels is None or ref_labels is None:
-            raise ValueError(
-                f"EmbeddingStep: {type(self.miner).__name__} takes labels only (no pos_mask= keyword) and this "
-                f"step has relevance as masks; give labels, or a miner that takes pos_mask/ignore_mask"
-            )
-        mined = self.miner(queries, q_labels, refs, ref_labels)
-        if not isinstance(mined, Mined):
-            mined = Mined.from_tuple(tuple(mined))
-        return drop_ignored(mined, ign)
+        return self.miner(queries, None, refs, None, pos_mask=pos, ignore_mask=ign)
 
     # ------------------------------------------------------------------------------ relevance
     @staticmethod
@@ -351,34 +329,3 @@ def _listed_pairs(mined: Mined) -> Mined:
         return mined
     a1, p, a2, n, pw, nw = mined.as_pairs()
     return Mined.from_pairs(a1, p, a2, n, pw, nw)
-
-
-def drop_ignored(mined: Mined, ignore: Tensor) -> Mined:
-    """``mined`` without the tuples that use an ignored pair: ``ignore [B, M]`` bool, anchor x reference."""
-    if not bool(ignore.any()):
-        return mined
-    changes: dict[str, Any] = {}
-    for name, weights in (("pos_pairs", "pos_weights"), ("neg_pairs", "neg_weights")):
-        pairs = getattr(mined, name)
-        if pairs is not None:
-            a, r = pairs
-            keep = ~ignore[a, r]
-            changes[name] = (a[keep], r[keep])
-            if getattr(mined, weights) is not None:
-                changes[weights] = getattr(mined, weights)[keep]
-    for name in ("pos_mask", "neg_mask"):
-        mask = getattr(mined, name)
-        if mask is not None:
-            changes[name] = mask.masked_fill(ignore, False if mask.dtype == torch.bool else 0)
-    if mined.triplets is not None:
-        a, p, n = mined.triplets
-        keep = ~ignore[a, p] & ~ignore[a, n]
-        changes["triplets"] = (a[keep], p[keep], n[keep])
-        if mined.triplet_weights is not None:
-            changes["triplet_weights"] = mined.triplet_weights[keep]
-    if mined.triplet_mask is not None:
-        positives, mask = mined.triplet_mask
-        rows = torch.arange(len(positives), device=positives.device).unsqueeze(1)
-        keep = ~ignore[rows, positives].unsqueeze(2) & ~ignore.unsqueeze(1)  # [B, K, M]
-        changes["triplet_mask"] = TripletMask(positives, mask * keep if mask.dtype != torch.bool else mask & keep)
-    return dataclasses.replace(mined, **changes)
