@@ -258,36 +258,31 @@ class LpDistance(BaseDistance):
         return grad_q, grad_r
 
 
-class CosineSimilarity(BaseDistance):
+class _InnerProduct(BaseDistance):
+    """A similarity computed as an inner product (of normalised embeddings when the subclass says so)."""
+
+    def compute_mat(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
+        return query_emb @ ref_emb.t()
+
+    def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
+        return (query_emb * ref_emb).sum(dim=-1)
+
+    def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
+        return _inner_product_backward(query_emb, ref_emb, grad, needs)
+
+
+class CosineSimilarity(_InnerProduct):
     """Cosine similarity ``x.y / (|x| |y|)``; larger is closer (``is_inverted=True``)."""
 
     def __init__(self, power: float = 1) -> None:
         super().__init__(normalize_embeddings=True, p=2, power=power, is_inverted=True)
 
-    def compute_mat(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
-        return query_emb @ ref_emb.t()
 
-    def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
-        return (query_emb * ref_emb).sum(dim=-1)
-
-    def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
-        return _inner_product_backward(query_emb, ref_emb, grad, needs)
-
-
-class DotProductSimilarity(BaseDistance):
+class DotProductSimilarity(_InnerProduct):
     """The raw inner product ``x.y`` without normalisation; larger is closer."""
 
     def __init__(self, power: float = 1) -> None:
         super().__init__(normalize_embeddings=False, p=2, power=power, is_inverted=True)
-
-    def compute_mat(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
-        return query_emb @ ref_emb.t()
-
-    def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
-        return (query_emb * ref_emb).sum(dim=-1)
-
-    def mat_backward(self, query_emb, ref_emb, mat, grad, needs):
-        return _inner_product_backward(query_emb, ref_emb, grad, needs)
 
 
 #: below this share of non-zero entries the gradient of a matrix is multiplied as a sparse matrix (on
