@@ -21,11 +21,13 @@ from losses.debiased_contrastive_loss import DebiasedContrastiveLoss
 from losses.margin_loss import MarginLoss
 from losses.metrix import Metrix
 from losses.grad_cache import GradCache
+from losses.clip_loss import CLIPLoss, SigLIPLoss
+from losses.negclip_loss import NegCLIPLoss, TripletCLIPLoss
 
 __all__ = [
     "BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance", "BaseLoss", "TripletMarginLoss",
     "ContrastiveLoss", "MultiSimilarityLoss", "NTXentLoss", "SupConLoss", "ProxyAnchorLoss", "CircleLoss",
     "DebiasedContrastiveLoss", "MarginLoss", "BaseReducer", "MeanReducer", "SumReducer", "AvgNonZeroReducer",
     "ThresholdReducer", "PerAnchorReducer", "DoNothingReducer", "MultipleReducers", "DistanceMismatchWarning",
-    "check_distances", "share_distance", "Metrix", "GradCache",
+    "check_distances", "share_distance", "Metrix", "GradCache", "CLIPLoss", "SigLIPLoss", "NegCLIPLoss", "TripletCLIPLoss",
 ]
