@@ -11,6 +11,11 @@ Files, one concept each:
 - :mod:`.embedding_store`, :mod:`.retrieval_metric`, :mod:`.query_gallery`: the torchmetrics
   ``Metric`` classes ``RetrievalMetrics`` (a set against itself: CUB, Cars, SOP) and
   ``QueryGalleryRetrievalMetrics`` (In-Shop).
+- :mod:`.ranking`: ``ranking_metrics`` and ``RankingMetrics``: MRR@10, nDCG@10, Recall@K, R@1 of
+  query -> document retrieval (pytrec_eval's definitions), the corpus sharded across ranks.
+- :mod:`.image_text`: image <-> text Recall@K with several captions per image (clip_benchmark's
+  rule) and zero-shot classification accuracy, as functions and ``Metric`` classes.
+- :mod:`.compositional`: SugarCrepe / SugarCrepe++ scores and text -> image negative-image accuracy.
 
 Names are loaded on first use, so ``lightning_modules.metrics.index`` does not import torchmetrics.
 """
@@ -30,6 +35,17 @@ _EXPORTS = {
     "build_index": "index",
     "kmeans": "index",
     "sharded_search": "sharded",
+    "ranking_metrics": "ranking",
+    "RankingMetrics": "ranking",
+    "image_text_retrieval": "image_text",
+    "zero_shot_accuracy": "image_text",
+    "zero_shot_classifier": "image_text",
+    "ImageTextRetrievalMetrics": "image_text",
+    "ZeroShotAccuracy": "image_text",
+    "sugarcrepe_accuracy": "compositional",
+    "sugarcrepe_pp_scores": "compositional",
+    "negative_image_accuracy": "compositional",
+    "pairwise_correct": "compositional",
 }
 
 __all__ = sorted(_EXPORTS)
