@@ -22,7 +22,7 @@ subcommands:
   test       evaluate on the test split (LightningCLI)
   grid       run an ablation grid on Ray Tune (rerun to resume): hardneg grid experiments/grids/quickstart.yaml
   report     tables (mean +/- std over seeds) and plots of a grid: hardneg report runs/grids/quickstart
-  zoo        list the encoder presets with their embedding size and weight source
+  zoo        list the encoder presets with their modality, embedding size and weight source
   data       check a DataModule (and every check fit runs) and print its split sizes: hardneg data check --data CONFIG.yaml [--verify]
 
 Run `hardneg SUBCOMMAND --help` for the options of one subcommand.
@@ -33,9 +33,9 @@ def zoo(argv: list[str]) -> int:
     from models import list_encoders
 
     rows = list_encoders()
-    header = ("name", "embed_dim", "weights")
-    table = [header] + [(str(r["name"]), str(r["embed_dim"]), str(r["weights"])) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    header = ("name", "modality", "embed_dim", "weights")
+    table = [header] + [(str(r["name"]), str(r["modality"]), str(r["embed_dim"]), str(r["weights"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0

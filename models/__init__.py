@@ -9,7 +9,7 @@ An encoder is an ``nn.Module`` with ``forward(inputs) -> [B, embed_dim]``, an ``
 - New preset: a function under ``@register_encoder(name, embed_dim=..., weights=...)``, imported
   below so that registering happens on ``import models``.
 
-Importing this package does not import timm (it loads inside the builders).
+Importing this package does not import timm or transformers (they load inside the builders).
 """
 
 from models.registry import (
@@ -29,7 +29,12 @@ from models.lite0_weights import (
     load_state_dict_by_position,
     lite0_weights_path,
 )
+from models.hf_text_encoder import HFTextEncoder
+from models.open_clip_encoder import OpenCLIPEncoder
 from models import timm_presets  # noqa: F401  registers lite0-128, resnet50-512, vit-s16-384
+from models import text_presets  # noqa: F401  registers minilm-l6, minilm-l6-hub, bert-base, e5-base
+from models import clip_presets  # noqa: F401  registers lite0-minilm-clip, vit-b-32-openai, vit-b-32-laion2b
+from models.text_presets import minilm_l6_path
 
 __all__ = [
     "PresetInfo",
@@ -39,10 +44,13 @@ __all__ = [
     "preset",
     "register_encoder",
     "TimmEncoder",
+    "HFTextEncoder",
+    "OpenCLIPEncoder",
     "MomentumEncoder",
     "LITE0_MEAN",
     "LITE0_STD",
     "load_lite0_weights",
     "load_state_dict_by_position",
     "lite0_weights_path",
+    "minilm_l6_path",
 ]
