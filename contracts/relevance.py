@@ -135,3 +135,19 @@ def all_pairs(labels: Tensor, ref_labels: Tensor, same_set: bool) -> Mined:
 def all_triplets(labels: Tensor, ref_labels: Tensor, same_set: bool) -> Mined:
     """Every triplet ``(a, p, n)`` with ``label[a] == ref_label[p] != ref_label[n]`` and ``p != a``."""
     return triplets_of(*label_masks(labels, ref_labels, same_set))
+
+
+def id_masks(pos_ids: Tensor, ref_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Relevance by document ids: ``pos_ids [B, P]`` lists each query's relevant ids (``-1`` pads a
+    row), ``ref_ids [M]`` the id of each reference (``-1``: an empty slot, e.g. a hard negative a
+    query's file did not have). Returns ``(pos, ignore)`` ``[B, M]``: a reference is a positive of
+    every query that lists its id (so a passage relevant to two queries of the batch, or a known
+    positive drawn as another query's negative, is never a negative), and an empty slot is ignored."""
+    if pos_ids.dim() != 2:
+        raise ValueError(f"pos_ids has shape {tuple(pos_ids.shape)}; expected [B, P] (relevant ids per query, -1 padded)")
+    if ref_ids.dim() != 1:
+        raise ValueError(f"ref_ids has shape {tuple(ref_ids.shape)}; expected [M]")
+    ref_ids = ref_ids.to(pos_ids.device)
+    valid = ref_ids >= 0
+    pos = (pos_ids.unsqueeze(1) == ref_ids.view(1, -1, 1)).any(-1) & valid.unsqueeze(0)
+    return pos, (~valid).unsqueeze(0).expand(len(pos_ids), -1).clone()

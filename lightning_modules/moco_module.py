@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from contracts.distances import BaseDistance
 from lightning_modules.metric_learning_module import MetricLearningModule, OptimizerFactory, SchedulerFactory, default_optimizer
-from miners.memory import CrossBatchMemory
 from lightning_modules.step import EmbeddingStep
+from miners.memory import CrossBatchMemory
 from models.momentum import MomentumEncoder
 
 

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from contracts.dtypes import work_dtype
 from contracts.gather import all_gather_no_grad, all_gather_with_grad, dist_ready
 from contracts.mined import Mined
+from contracts.relevance import id_masks
 
 GATHER_MODES = ("global", "local", "none")
 MEMORY_SAME_LABEL = ("positive", "ignore")
@@ -131,28 +132,50 @@ class EmbeddingStep(nn.Module):
         ref_labels: Tensor | None = None,
         pos_mask: Tensor | None = None,
         ignore_mask: Tensor | None = None,
+        neg_emb: Tensor | None = None,
+        pos_ids: Tensor | None = None,
+        ref_ids: Tensor | None = None,
+        neg_ids: Tensor | None = None,
+        loss_kwargs: dict[str, Any] | None = None,
         encoder: nn.Module | None = None,
         mix_state: Any = None,
     ) -> dict[str, Any]:
         """``emb: [B, D]`` this rank's queries; ``ref_emb: [B_ref, D]`` its references (None: ``emb`` itself);
-        ``labels [B]`` / ``ref_labels [B_ref]`` and/or ``pos_mask`` / ``ignore_mask`` bool ``[B, B_ref]``;
-        ``encoder`` and ``mix_state`` for a Metrix-like mixer. Returns the outputs dict."""
-        with torch.autocast(device_type=emb.device.type, enabled=False):
-            return self._step(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, encoder, mix_state)
+        ``neg_emb: [B_neg, D]`` extra references (hard negatives), gathered like ``ref_emb``.
 
-    def _step(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, encoder, mix_state) -> dict[str, Any]:
+        Relevance, one form: ``labels [B]`` / ``ref_labels [B_ref]``; and/or ``pos_mask`` /
+        ``ignore_mask`` bool ``[B, B_ref]``; or ids: ``pos_ids [B, P]`` (each query's relevant
+        document ids, ``-1`` padded) with ``ref_ids [B_ref]`` and ``neg_ids [B_neg]`` (``-1``: an
+        empty slot, ignored), which decide relevance across ranks and against the memory too.
+        ``loss_kwargs`` go to the loss (a two-view loss's ``logit_scale``/``logit_bias``);
+        ``encoder`` and ``mix_state`` to a Metrix-like mixer. Returns the outputs dict."""
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return self._step(
+                emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids, loss_kwargs or {}, encoder, mix_state
+            )
+
+    @property
+    def two_view(self) -> bool:
+        """The loss is a two-view loss (``losses.CLIPLoss``...): the step calls its ``directional``."""
+        return bool(getattr(self.loss, "two_view", False))
+
+    def _step(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids, loss_kwargs, encoder, mix_state):
         # float32 distances, logits and losses whatever the encoders' autocast dtype (float64 stays)
         emb = emb.to(work_dtype(emb.dtype))
         ref_emb = None if ref_emb is None else ref_emb.to(work_dtype(ref_emb.dtype))
-        self._check(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask)
+        neg_emb = None if neg_emb is None else neg_emb.to(work_dtype(neg_emb.dtype))
+        self._check(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids)
         if ref_emb is None and ref_labels is None:
             ref_labels = labels
         local_emb, local_labels = emb, labels
-        simple = ref_emb is None and pos_mask is None and ignore_mask is None and self.memory is None and self.gather != "local"
+        simple = (
+            ref_emb is None and pos_mask is None and ignore_mask is None and self.memory is None and self.gather != "local" and not self.two_view
+        )
         if simple:
             out = self._labels_step(emb, labels)
         else:
-            out = self._masks_step(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask)
+            rel = _Relevance(labels, ref_labels, pos_mask, ignore_mask, pos_ids, ref_ids, neg_ids)
+            out = self._masks_step(emb, ref_emb, neg_emb, rel, loss_kwargs)
         loss = out["loss"]
         out["mix_loss"] = None
         if self.mixer is not None and not hasattr(self.mixer, "mix_spec"):
@@ -163,8 +186,11 @@ class EmbeddingStep(nn.Module):
         out["loss"] = loss
         if self.memory is not None:
             refs = local_emb if ref_emb is None else ref_emb
-            ref_l = ref_labels if ref_labels is not None else torch.zeros(len(refs), dtype=torch.long, device=refs.device)
-            self.memory.enqueue(all_gather_no_grad(refs.detach()), all_gather_no_grad(ref_l))
+            if ref_ids is not None:
+                ref_l = ref_ids
+            else:
+                ref_l = ref_labels if ref_labels is not None else torch.zeros(len(refs), dtype=torch.long, device=refs.device)
+            self.memory.enqueue(all_gather_no_grad(refs.detach()), all_gather_no_grad(ref_l.to(refs.device)))
         return out
 
     # ----------------------------------------------------------------------------- two paths
@@ -176,68 +202,62 @@ class EmbeddingStep(nn.Module):
         loss = self.loss(emb, labels, mined)
         return self._outputs(loss, emb, labels, None, None, None, None, mined)
 
-    def _masks_step(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask) -> dict[str, Any]:
-        """Queries against ``[memory; references]`` with relevance as masks."""
+    def _masks_step(self, emb, ref_emb, neg_emb, rel: "_Relevance", loss_kwargs) -> dict[str, Any]:
+        """Queries against ``[memory; references; negatives]`` with relevance as masks."""
         device = emb.device
         same = ref_emb is None
         refs = emb if same else ref_emb
-        rank, world = _world()
-        q_sizes = _sizes(len(emb), device) if self.gather != "none" else [len(emb)]
-        r_sizes = q_sizes if same else (_sizes(len(refs), device) if self.gather != "none" else [len(refs)])
-        r_rank = rank if self.gather != "none" else 0
-        # this rank's block, [B, B_ref]: positives and pairs to ignore
-        pos_b = self._local_pos(labels, ref_labels, pos_mask, len(emb), len(refs), device)
-        ign_b = torch.zeros_like(pos_b) if ignore_mask is None else ignore_mask.to(device).bool()
-        if same:
-            ign_b = ign_b | torch.eye(len(emb), dtype=torch.bool, device=device)
-
-        if self.gather == "global":
-            queries = all_gather_with_grad(emb)
-            q_labels = all_gather_no_grad(labels) if labels is not None else None
-            batch_refs = queries if same else all_gather_with_grad(refs)
-            r_labels = q_labels if same else (all_gather_no_grad(ref_labels) if ref_labels is not None else None)
-            pos = self._block_diag(pos_b, q_sizes, r_sizes, labels_q=q_labels, labels_r=r_labels)
-            ign = self._block_diag(ign_b, q_sizes, r_sizes)
-        elif self.gather == "local":
-            queries, q_labels = emb, labels
-            batch_refs = all_gather_with_grad(refs)
-            r_labels = all_gather_no_grad(ref_labels) if ref_labels is not None else None
-            start = sum(r_sizes[:r_rank])
-            pos = self._cross(q_labels, r_labels, len(queries), len(batch_refs), device)
-            pos[:, start : start + len(refs)] = pos_b
-            ign = torch.zeros_like(pos)
-            ign[:, start : start + len(refs)] = ign_b
-        else:
-            queries, q_labels, batch_refs, r_labels, pos, ign = emb, labels, refs, ref_labels, pos_b, ign_b
+        rank, _ = _world()
+        mode = self.gather
+        sizes = (lambda n: _sizes(n, device)) if mode != "none" else (lambda n: [n])
+        q_sizes = sizes(len(emb))
+        r_sizes = q_sizes if same else sizes(len(refs))
+        n_sizes = None if neg_emb is None else sizes(len(neg_emb))
+        gather = all_gather_with_grad if mode != "none" else (lambda x: x)
+        batch_refs = gather(refs)
+        queries = (batch_refs if same else gather(emb)) if mode == "global" else emb
+        negs = None if neg_emb is None else gather(neg_emb)
+        # this rank's query rows within the gathered queries ("global": all of them)
+        q_rows = None if mode == "global" else slice(sum(q_sizes[:rank]), sum(q_sizes[: rank + 1])) if mode == "local" else slice(0, len(emb))
+        r_own = slice(sum(r_sizes[:rank]), sum(r_sizes[: rank + 1])) if mode != "none" else slice(0, len(refs))
+        pos, ign = rel.forward_masks(self, q_sizes, r_sizes, n_sizes, q_rows, r_own, same, device)
         if not self.in_batch_negatives:
             ign = ign | ~pos
+        q_labels = rel.gathered_labels(self, "q", q_rows) if rel.labels is not None else None
+        r_labels = rel.gathered_labels(self, "r", None) if rel.ref_labels is not None else None
 
-        ref_all, ref_labels_all = batch_refs, r_labels
-        mem_emb = None
+        ref_all, ref_labels_all = batch_refs if negs is None else torch.cat([batch_refs, negs]), r_labels
+        if r_labels is not None and negs is not None:
+            ref_labels_all = torch.cat([r_labels, torch.full((len(negs),), -1, dtype=r_labels.dtype, device=device)])
+        mem_emb = mem_labels = None
         if self.memory is not None and len(self.memory) > 0:
             mem_emb, mem_labels = self.memory.filled()
             # the buffer is overwritten in place by the next enqueue: keep a copy
             mem_emb, mem_labels = mem_emb.detach().clone().to(queries.dtype), mem_labels.clone().to(device)
-            mem_pos = torch.zeros(len(queries), len(mem_emb), dtype=torch.bool, device=device)
-            mem_ign = torch.zeros_like(mem_pos)
-            if q_labels is not None:
-                same_label = q_labels.unsqueeze(1) == mem_labels.unsqueeze(0)
-                if self.memory_same_label == "positive":
-                    mem_pos = same_label
-                else:
-                    mem_ign = same_label
+            mem_pos, mem_ign = rel.memory_masks(self, q_rows, mem_labels, len(queries), device)
             pos, ign = torch.cat([mem_pos, pos], 1), torch.cat([mem_ign, ign], 1)
-            ref_all = torch.cat([mem_emb, batch_refs])
+            ref_all = torch.cat([mem_emb, ref_all])
             mem_l = mem_labels if q_labels is not None else torch.full((len(mem_emb),), -1, dtype=torch.long, device=device)
-            ref_labels_all = None if r_labels is None else torch.cat([mem_l, r_labels.to(device)])
+            ref_labels_all = None if ref_labels_all is None else torch.cat([mem_l, ref_labels_all.to(device)])
 
-        mined = self._mine(queries, ref_all, pos, ign)
-        if self.mixer is not None and hasattr(self.mixer, "mix_spec") and mem_emb is not None:
-            use_labels = q_labels is not None and self.memory_same_label == "ignore"
-            spec = self.mixer.mix_spec(queries, mem_emb, q_labels if use_labels else None, mem_labels if use_labels else None)
-            if len(spec):
-                mined = dataclasses.replace(_listed_pairs(mined), mix=spec)
-        loss = self.loss(queries, None, mined, ref_all, None, pos_mask=pos, ignore_mask=ign)
+        if self.two_view:
+            loss = self.loss.directional(queries, ref_all, **loss_kwargs, pos_mask=pos, ignore_mask=ign)
+            if getattr(self.loss, "symmetric", False):
+                # the other direction: the paired references (not negatives, not the memory) against the queries
+                back_q = batch_refs if mode == "global" else refs
+                back_r = queries if mode == "global" else gather(emb)
+                back_pos, back_ign = rel.backward_masks(self, q_sizes, r_sizes, r_own if mode != "global" else None, same, device)
+                back = self.loss.directional(back_q, back_r, **loss_kwargs, pos_mask=back_pos, ignore_mask=back_ign)
+                loss = 0.5 * (loss + back)
+            mined = None
+        else:
+            mined = self._mine(queries, ref_all, pos, ign)
+            if self.mixer is not None and hasattr(self.mixer, "mix_spec") and mem_emb is not None:
+                use_labels = q_labels is not None and self.memory_same_label == "ignore"
+                spec = self.mixer.mix_spec(queries, mem_emb, q_labels if use_labels else None, mem_labels if use_labels else None)
+                if len(spec):
+                    mined = dataclasses.replace(_listed_pairs(mined), mix=spec)
+            loss = self.loss(queries, None, mined, ref_all, None, pos_mask=pos, ignore_mask=ign, **loss_kwargs)
         return self._outputs(loss, queries, q_labels, ref_all, ref_labels_all, pos, ign, mined)
 
     def _mine(self, queries, refs, pos, ign) -> Mined:
@@ -246,38 +266,6 @@ class EmbeddingStep(nn.Module):
         if self.miner is None:
             return Mined.from_masks(pos & ~ign, ~pos & ~ign)
         return self.miner(queries, None, refs, None, pos_mask=pos, ignore_mask=ign)
-
-    # ------------------------------------------------------------------------------ relevance
-    @staticmethod
-    def _local_pos(labels, ref_labels, pos_mask, n, m, device) -> Tensor:
-        if pos_mask is not None:
-            return pos_mask.to(device).bool()
-        if labels is None or ref_labels is None:
-            raise ValueError("EmbeddingStep: give labels (and ref_labels for a second view) or a pos_mask")
-        return labels.to(device).unsqueeze(1) == ref_labels.to(device).unsqueeze(0)
-
-    @staticmethod
-    def _cross(q_labels, r_labels, n, m, device) -> Tensor:
-        """Pairs across ranks: positives by labels when both sides have them, else none (negatives)."""
-        if q_labels is None or r_labels is None:
-            return torch.zeros(n, m, dtype=torch.bool, device=device)
-        return q_labels.to(device).unsqueeze(1) == r_labels.to(device).unsqueeze(0)
-
-    def _block_diag(self, block: Tensor, q_sizes, r_sizes, labels_q=None, labels_r=None) -> Tensor:
-        """The global ``[sum Q, sum R]`` mask from every rank's ``[Q_r, R_r]`` block; off the blocks:
-        positives by labels (``labels_q``/``labels_r``), else False."""
-        nq, nr = sum(q_sizes), sum(r_sizes)
-        out = self._cross(labels_q, labels_r, nq, nr, block.device)
-        if len(q_sizes) == 1:
-            return block.clone()
-        padded = torch.zeros(len(block), max(r_sizes), dtype=torch.bool, device=block.device)
-        padded[:, : block.shape[1]] = block
-        rows = all_gather_no_grad(padded)  # [sum Q, max R]
-        q0 = r0 = 0
-        for qs, rs in zip(q_sizes, r_sizes):
-            out[q0 : q0 + qs, r0 : r0 + rs] = rows[q0 : q0 + qs, :rs]
-            q0, r0 = q0 + qs, r0 + rs
-        return out
 
     # ---------------------------------------------------------------------------------- misc
     @staticmethod
@@ -305,12 +293,12 @@ class EmbeddingStep(nn.Module):
             "mined": None if mined is None else mined.without_matrices(),
         }
 
-    @staticmethod
-    def _check(emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask) -> None:
+    def _check(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids) -> None:
         if emb.dim() != 2:
             raise ValueError(f"EmbeddingStep: emb has shape {tuple(emb.shape)}; expected [B, D]")
-        if ref_emb is not None and (ref_emb.dim() != 2 or ref_emb.shape[1] != emb.shape[1]):
-            raise ValueError(f"EmbeddingStep: ref_emb has shape {tuple(ref_emb.shape)}; expected [B_ref, {emb.shape[1]}]")
+        for name, x in (("ref_emb", ref_emb), ("neg_emb", neg_emb)):
+            if x is not None and (x.dim() != 2 or x.shape[1] != emb.shape[1]):
+                raise ValueError(f"EmbeddingStep: {name} has shape {tuple(x.shape)}; expected [N, {emb.shape[1]}]")
         n_ref = len(emb) if ref_emb is None else len(ref_emb)
         for name, mask in (("pos_mask", pos_mask), ("ignore_mask", ignore_mask)):
             if mask is not None and tuple(mask.shape) != (len(emb), n_ref):
@@ -319,8 +307,157 @@ class EmbeddingStep(nn.Module):
             raise ValueError(f"EmbeddingStep: {len(labels)} labels for {len(emb)} embeddings")
         if ref_labels is not None and len(ref_labels) != n_ref:
             raise ValueError(f"EmbeddingStep: {len(ref_labels)} ref_labels for {n_ref} references")
-        if labels is None and pos_mask is None:
-            raise ValueError("EmbeddingStep: no relevance: give labels or a pos_mask")
+        if neg_emb is not None and ref_emb is None:
+            raise ValueError("EmbeddingStep: neg_emb (extra negatives) needs ref_emb (the queries' paired references)")
+        if pos_ids is not None:
+            if labels is not None or pos_mask is not None or ignore_mask is not None:
+                raise ValueError("EmbeddingStep: give relevance in one form: ids (pos_ids/ref_ids/neg_ids), or labels and/or masks")
+            if ref_emb is None or ref_ids is None:
+                raise ValueError("EmbeddingStep: pos_ids needs ref_emb and ref_ids (the id of each reference)")
+            if pos_ids.dim() != 2 or len(pos_ids) != len(emb):
+                raise ValueError(f"EmbeddingStep: pos_ids has shape {tuple(pos_ids.shape)}; expected [{len(emb)}, P] (-1 padded)")
+            if tuple(ref_ids.shape) != (n_ref,):
+                raise ValueError(f"EmbeddingStep: ref_ids has shape {tuple(ref_ids.shape)}; expected [{n_ref}]")
+            if neg_emb is not None and (neg_ids is None or tuple(neg_ids.shape) != (len(neg_emb),)):
+                raise ValueError(f"EmbeddingStep: neg_emb needs neg_ids of shape [{len(neg_emb)}] (-1: an empty slot)")
+        elif ref_ids is not None or neg_ids is not None:
+            raise ValueError("EmbeddingStep: ref_ids/neg_ids need pos_ids (each query's relevant ids)")
+        elif labels is None and pos_mask is None:
+            raise ValueError("EmbeddingStep: no relevance: give labels or a pos_mask (or pos_ids with ref_ids)")
+        if self.two_view and self.miner is not None:
+            raise ValueError(f"EmbeddingStep: {type(self.loss).__name__} is a two-view loss (it scores every pair itself); it takes no miner")
+
+
+def _cross(q_labels, r_labels, n, m, device) -> Tensor:
+    """Pairs across ranks: positives by labels when both sides have them, else none (negatives)."""
+    if q_labels is None or r_labels is None:
+        return torch.zeros(n, m, dtype=torch.bool, device=device)
+    return q_labels.to(device).unsqueeze(1) == r_labels.to(device).unsqueeze(0)
+
+
+class _Relevance:
+    """This rank's relevance inputs, and the masks they give for the rows the step scores.
+
+    Three forms: labels (equality, across ranks too), this rank's ``pos_mask``/``ignore_mask``
+    blocks (pairs across ranks follow the labels when both sides have them, else negatives), and ids
+    (``pos_ids`` against ``ref_ids``/``neg_ids``, across ranks and against the memory). Gathers are
+    done once and cached (every rank calls the same gathers in the same order)."""
+
+    def __init__(self, labels, ref_labels, pos_mask, ignore_mask, pos_ids, ref_ids, neg_ids) -> None:
+        self.labels, self.ref_labels, self.pos_mask, self.ignore_mask = labels, ref_labels, pos_mask, ignore_mask
+        self.pos_ids, self.ref_ids, self.neg_ids = pos_ids, ref_ids, neg_ids
+        self._cache: dict[str, Tensor] = {}
+
+    def _gathered(self, step: EmbeddingStep, name: str) -> Tensor:
+        if name not in self._cache:
+            x = getattr(self, name)
+            if step.gather == "none" or not dist_ready():
+                self._cache[name] = x
+            elif name == "pos_ids":  # pad the columns to one width first
+                width = max(_sizes(x.shape[1], x.device))
+                self._cache[name] = all_gather_no_grad(torch.nn.functional.pad(x, (0, width - x.shape[1]), value=-1))
+            else:
+                self._cache[name] = all_gather_no_grad(x)
+        return self._cache[name]
+
+    def gathered_labels(self, step: EmbeddingStep, side: str, rows: slice | None) -> Tensor:
+        labels = self._gathered(step, "labels" if side == "q" else "ref_labels")
+        return labels if rows is None else labels[rows]
+
+    def _query_pos_ids(self, step, q_rows):
+        ids = self._gathered(step, "pos_ids")
+        return ids if q_rows is None else ids[q_rows]
+
+    def forward_masks(self, step, q_sizes, r_sizes, n_sizes, q_rows, r_own, same, device) -> tuple[Tensor, Tensor]:
+        """``[Q, R (+ N)]`` positives and pairs to ignore of the scored queries against the batch's
+        references (and negatives)."""
+        if self.pos_ids is not None:
+            ref_ids = self._gathered(step, "ref_ids")
+            if self.neg_ids is not None:
+                ref_ids = torch.cat([ref_ids, self._gathered(step, "neg_ids")])
+            return id_masks(self._query_pos_ids(step, q_rows), ref_ids)
+        pos_b = self._local_pos(len(self.labels) if self.labels is not None else len(self.pos_mask), device, same)
+        ign_b = torch.zeros_like(pos_b) if self.ignore_mask is None else self.ignore_mask.to(device).bool()
+        if same:
+            ign_b = ign_b | torch.eye(len(pos_b), dtype=torch.bool, device=device)
+        if step.gather == "global":
+            q_labels = self._gathered(step, "labels") if self.labels is not None else None
+            r_labels = self._gathered(step, "ref_labels") if self.ref_labels is not None else None
+            pos = _block_diag(pos_b, q_sizes, r_sizes, labels_q=q_labels, labels_r=r_labels)
+            ign = _block_diag(ign_b, q_sizes, r_sizes)
+        else:
+            r_labels = self._gathered(step, "ref_labels") if self.ref_labels is not None else None
+            pos = _cross(self.labels, r_labels, len(pos_b), sum(r_sizes), device)
+            pos[:, r_own] = pos_b
+            ign = torch.zeros_like(pos)
+            ign[:, r_own] = ign_b
+        if n_sizes is not None:  # extra negatives: negatives of every query
+            pos = torch.cat([pos, pos.new_zeros(len(pos), sum(n_sizes))], 1)
+            ign = torch.cat([ign, ign.new_zeros(len(ign), sum(n_sizes))], 1)
+        return pos, ign
+
+    def backward_masks(self, step, q_sizes, r_sizes, r_own, same, device) -> tuple[Tensor, Tensor]:
+        """``[R, Q]`` masks of the paired references (this rank's, or all in "global" mode) against
+        the queries of every rank: the other direction of a symmetric two-view loss."""
+        if self.pos_ids is not None:
+            ref_ids = self._gathered(step, "ref_ids")
+            ref_ids = ref_ids if r_own is None else self.ref_ids
+            pos, _ = id_masks(self._gathered(step, "pos_ids"), ref_ids)
+            return pos.T.contiguous(), torch.zeros_like(pos.T)
+        if step.gather == "global":
+            pos, ign = self.forward_masks(step, q_sizes, r_sizes, None, None, None, same, device)
+            return pos.T.contiguous(), ign.T.contiguous()
+        pos_b = self._local_pos(len(self.labels) if self.labels is not None else len(self.pos_mask), device, same).T
+        ign_b = torch.zeros_like(pos_b) if self.ignore_mask is None else self.ignore_mask.to(device).bool().T
+        if same:
+            ign_b = ign_b | torch.eye(len(pos_b), dtype=torch.bool, device=device)
+        q_labels = self._gathered(step, "labels") if self.labels is not None else None
+        rank, _ = _world()
+        q_own = slice(sum(q_sizes[:rank]), sum(q_sizes[: rank + 1])) if step.gather != "none" else slice(0, pos_b.shape[1])
+        pos = _cross(self.ref_labels, q_labels, len(pos_b), sum(q_sizes), device)
+        pos[:, q_own] = pos_b
+        ign = torch.zeros_like(pos)
+        ign[:, q_own] = ign_b
+        return pos, ign
+
+    def memory_masks(self, step, q_rows, mem_labels, n_queries, device) -> tuple[Tensor, Tensor]:
+        """``[Q, M]`` masks against the memory's entries (their labels, or ids when relevance is by ids)."""
+        if self.pos_ids is not None:
+            return id_masks(self._query_pos_ids(step, q_rows), mem_labels)
+        mem_pos = torch.zeros(n_queries, len(mem_labels), dtype=torch.bool, device=device)
+        mem_ign = torch.zeros_like(mem_pos)
+        if self.labels is not None:
+            q_labels = self.gathered_labels(step, "q", q_rows)
+            same_label = q_labels.to(device).unsqueeze(1) == mem_labels.unsqueeze(0)
+            if step.memory_same_label == "positive":
+                mem_pos = same_label
+            else:
+                mem_ign = same_label
+        return mem_pos, mem_ign
+
+    def _local_pos(self, n, device, same) -> Tensor:
+        if self.pos_mask is not None:
+            return self.pos_mask.to(device).bool()
+        if self.labels is None or self.ref_labels is None:
+            raise ValueError("EmbeddingStep: give labels (and ref_labels for a second view) or a pos_mask")
+        return self.labels.to(device).unsqueeze(1) == self.ref_labels.to(device).unsqueeze(0)
+
+
+def _block_diag(block: Tensor, q_sizes, r_sizes, labels_q=None, labels_r=None) -> Tensor:
+    """The global ``[sum Q, sum R]`` mask from every rank's ``[Q_r, R_r]`` block; off the blocks:
+    positives by labels (``labels_q``/``labels_r``), else False."""
+    nq, nr = sum(q_sizes), sum(r_sizes)
+    out = _cross(labels_q, labels_r, nq, nr, block.device)
+    if len(q_sizes) == 1:
+        return block.clone()
+    padded = torch.zeros(len(block), max(r_sizes), dtype=torch.bool, device=block.device)
+    padded[:, : block.shape[1]] = block
+    rows = all_gather_no_grad(padded)  # [sum Q, max R]
+    q0 = r0 = 0
+    for qs, rs in zip(q_sizes, r_sizes):
+        out[q0 : q0 + qs, r0 : r0 + rs] = rows[q0 : q0 + qs, :rs]
+        q0, r0 = q0 + qs, r0 + rs
+    return out
 
 
 def _listed_pairs(mined: Mined) -> Mined:
