@@ -1,16 +1,20 @@
-"""DataModules for retrieval benchmarks (images; text builds on the same base), their datasets, input pipelines and samplers."""
+"""DataModules for retrieval benchmarks (images; query/document text builds on the same base), their datasets, input pipelines and samplers."""
 
 from datamodules.base import MetricLearningDataModule, RetrievalDataModule
+from datamodules.cars196 import Cars196DataModule
+from datamodules.cub200 import CUB200DataModule
 from datamodules.datasets import ArrayImageDataset, ImageFileDataset, Indexed, LabelledDataset, QueryGalleryDataset, TextDataset
-from datamodules.inputs import ImageInputs, InputPipeline, TextInputs
 from datamodules.digits import DigitsDataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
-from datamodules.cub200 import CUB200DataModule
-from datamodules.cars196 import Cars196DataModule
-from datamodules.sop import SOPDataModule
+from datamodules.inputs import ImageInputs, InputPipeline, TextInputs
 from datamodules.inshop import InShopDataModule
 from datamodules.metadata import DatasetFormatError
-from datamodules.samplers import ClassBalancedBatchSampler
+from datamodules.msmarco import MSMARCOPassageDataModule
+from datamodules.query_doc import QueryDocData, QueryDocDataModule, QueryDocSplit, QueryDocTrainDataset
+from datamodules.samplers import ClassBalancedBatchSampler, RandomBatchSampler
+from datamodules.sop import SOPDataModule
+from datamodules.text_collection import LazyTextCollection
+from datamodules.wordnet import WordNetGlossDataModule
 
 __all__ = [
     "RetrievalDataModule",
@@ -32,4 +36,12 @@ __all__ = [
     "InShopDataModule",
     "DatasetFormatError",
     "ClassBalancedBatchSampler",
+    "RandomBatchSampler",
+    "QueryDocData",
+    "QueryDocSplit",
+    "QueryDocDataModule",
+    "QueryDocTrainDataset",
+    "WordNetGlossDataModule",
+    "MSMARCOPassageDataModule",
+    "LazyTextCollection",
 ]

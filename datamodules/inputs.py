@@ -10,7 +10,11 @@ input pipeline, which sets the datasets' transforms and/or returns the loaders' 
 - ``TextInputs``: items keep their raw strings; the collate function tokenizes a batch at once with
   ``data_config["tokenizer"]`` (an HF tokenizer, an HF name or local path, or any callable) and
   ``max_length``: ``{"text": str, "label": int}`` items become ``{"input_ids", "attention_mask",
-  ..., "label"}`` batches.
+  ..., "label"}`` batches. A text field may hold a list of strings per item (a query's hard
+  negatives): the lists are flattened query-major into one tokenized block. A field's role
+  (``"query"``, ``"doc"``) prepends ``data_config["query_prefix"]`` / ``["doc_prefix"]`` (E5's
+  ``"query: "`` / ``"passage: "``). Integer-list fields (``pos_idx``) become ``[B, P]`` tensors
+  padded with -1.
 
 A new modality is one more class with ``apply(datamodule, data_config)`` and ``collate_fn(data_config)``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -79,12 +84,22 @@ class TextInputs(InputPipeline):
         max_length: tokens per text (default: ``data_config["max_length"]``, else 128).
         text_fields: item key -> prefix of its tokenized fields in the batch: ``{"text": ""}`` gives
             ``input_ids``/``attention_mask``; ``{"query": "query_", "doc": "doc_"}`` gives
-            ``query_input_ids``, ``doc_attention_mask`` ...
+            ``query_input_ids``, ``doc_attention_mask`` ... A field holding ``list[str]`` per item
+            (``{"negs": "neg_"}``) gives ``neg_input_ids [sum of the list lengths, L]``, item-major
+            (rows ``i*k .. i*k+k-1`` are item ``i``'s when every list has ``k``); no ``neg_*`` keys
+            when every list is empty.
+        roles: item key -> role (``"query"`` or ``"doc"``): the text is prefixed with
+            ``data_config[f"{role}_prefix"]`` (absent or ``None``: no prefix), e.g.
+            ``{"query": "query", "doc": "doc", "negs": "doc"}``. A field without a role gets no prefix.
     """
 
-    def __init__(self, max_length: int | None = None, text_fields: dict[str, str] | None = None) -> None:
+    def __init__(self, max_length: int | None = None, text_fields: dict[str, str] | None = None, roles: dict[str, str] | None = None) -> None:
         self.max_length = max_length
         self.text_fields = dict(text_fields) if text_fields is not None else {"text": ""}
+        self.roles = dict(roles) if roles is not None else {}
+        unknown = sorted(set(self.roles) - set(self.text_fields))
+        if unknown:
+            raise ValueError(f"TextInputs: roles name field(s) {unknown} that are not text_fields {sorted(self.text_fields)}")
 
     def resolve(self, data_config: dict[str, Any]) -> dict[str, Any]:
         cfg = dict(data_config)
@@ -93,6 +108,17 @@ class TextInputs(InputPipeline):
         cfg.setdefault("max_length", 128)
         return cfg
 
+    def prefixes(self, data_config: dict[str, Any]) -> dict[str, str]:
+        """Text field -> the string prepended to its texts (from its role's ``data_config`` prefix)."""
+        out = {}
+        for field, role in self.roles.items():
+            prefix = data_config.get(f"{role}_prefix")
+            if prefix is not None and not isinstance(prefix, str):
+                raise TypeError(f"data_config {role}_prefix must be a string, got {type(prefix).__name__}")
+            if prefix:
+                out[field] = prefix
+        return out
+
     def collate_fn(self, data_config: dict[str, Any]) -> Callable:
         tokenizer = data_config.get("tokenizer")
         if tokenizer is None:
@@ -100,10 +126,11 @@ class TextInputs(InputPipeline):
                 "TextInputs: data_config has no 'tokenizer'; give the encoder a data_config with one "
                 "(HFTextEncoder does) or set data.init_args.data_config.tokenizer (a callable, or an HF name or local path)"
             )
-        return TokenizeCollate(load_tokenizer(tokenizer), int(data_config["max_length"]), self.text_fields)
+        return TokenizeCollate(load_tokenizer(tokenizer), int(data_config["max_length"]), self.text_fields, self.prefixes(data_config))
 
     def __repr__(self) -> str:
-        return f"TextInputs(max_length={self.max_length}, text_fields={self.text_fields})"
+        roles = f", roles={self.roles}" if self.roles else ""
+        return f"TextInputs(max_length={self.max_length}, text_fields={self.text_fields}{roles})"
 
 
 def load_tokenizer(tokenizer: Any) -> Callable:
@@ -122,16 +149,19 @@ def is_hf_tokenizer(tokenizer: Any) -> bool:
 
 
 class TokenizeCollate:
-    """Collate ``{"text": str, ...}`` items: the text fields tokenized as one batch, the rest default-collated.
+    """Collate ``{"text": str, ...}`` items: the text fields tokenized as one batch, the rest collated.
 
     The tokenizer is called as an HF tokenizer (``padding=True, truncation=True, max_length=...,
     return_tensors="pt"``) when it is one, else as ``tokenizer(texts, max_length=max_length)``,
     which must return a mapping with ``input_ids`` and ``attention_mask`` (tensors or nested lists,
-    ``[B, L]``).
+    ``[B, L]``). A text field holding lists of strings is flattened item-major into one block.
+    ``prefixes`` (field -> string) are prepended to that field's texts. Other fields: lists of ints
+    become a ``[B, max list length]`` long tensor padded with -1; the rest is default-collated.
     """
 
-    def __init__(self, tokenizer: Callable, max_length: int, text_fields: Mapping[str, str]) -> None:
+    def __init__(self, tokenizer: Callable, max_length: int, text_fields: Mapping[str, str], prefixes: Mapping[str, str] | None = None) -> None:
         self.tokenizer, self.max_length, self.text_fields = tokenizer, max_length, dict(text_fields)
+        self.prefixes = dict(prefixes or {})
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if is_hf_tokenizer(self.tokenizer):
@@ -142,18 +172,49 @@ class TokenizeCollate:
             raise ValueError(f"tokenizer {self.tokenizer!r} must return a mapping with input_ids and attention_mask, got {type(out).__name__}")
         return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in out.items()}
 
+    def field_texts(self, key: str, items: list[dict[str, Any]]) -> list[str]:
+        """The texts of field ``key`` of a batch, lists flattened item-major, with the field's prefix."""
+        values = [item[key] for item in items]
+        if all(isinstance(v, str) for v in values):
+            texts = values
+        elif all(isinstance(v, (list, tuple)) for v in values):
+            texts = [t for v in values for t in v]
+            bad = next((t for t in texts if not isinstance(t, str)), None)
+            if bad is not None:
+                raise TypeError(f"text field {key!r} holds a list with a {type(bad).__name__} ({bad!r}); expected strings")
+        else:
+            kinds = sorted({type(v).__name__ for v in values})
+            raise TypeError(f"text field {key!r} must hold a str or a list of str in every item of a batch, got {kinds}")
+        prefix = self.prefixes.get(key, "")
+        return [prefix + t for t in texts] if prefix else list(texts)
+
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         missing = [k for k in self.text_fields if k not in items[0]]
         if missing:
             raise KeyError(f"text items lack the field(s) {missing} (TextInputs text_fields); item keys: {sorted(items[0])}")
         batch: dict[str, Any] = {}
         for key, prefix in self.text_fields.items():
-            for name, value in self.tokenize([item[key] for item in items]).items():
+            texts = self.field_texts(key, items)
+            if not texts:  # every item's list is empty (no hard negatives): no tokenized block
+                continue
+            for name, value in self.tokenize(texts).items():
                 batch[prefix + name] = value
-        rest = [{k: v for k, v in item.items() if k not in self.text_fields} for item in items]
-        if rest[0]:
-            batch.update(default_collate(rest))
+        for key in items[0]:
+            if key not in self.text_fields:
+                batch[key] = collate_field([item[key] for item in items])
         return batch
+
+
+def collate_field(values: list[Any]) -> Any:
+    """One non-text field of a batch: lists of ints -> ``[B, P]`` long, padded with -1; the rest default-collated."""
+    if all(isinstance(v, (list, tuple)) for v in values) and all(isinstance(x, (int, np.integer)) for v in values for x in v):
+        width = max((len(v) for v in values), default=0)
+        out = torch.full((len(values), width), -1, dtype=torch.long)
+        for row, v in enumerate(values):
+            if len(v):
+                out[row, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+        return out
+    return default_collate(values)
 
 
 def default_inputs(data_config: dict[str, Any]) -> InputPipeline:

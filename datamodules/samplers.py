@@ -1,4 +1,5 @@
-"""Batch construction as mining: the batch-sampler factory contract and the class-balanced P x K batch sampler."""
+"""Batch construction as mining: the batch-sampler factory contract, the class-balanced P x K batch sampler and
+the uniformly random batch sampler of query/document training."""
 
 from __future__ import annotations
 
@@ -91,6 +92,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         global_batch = self.P * self.K * world_size
         self.num_batches = num_batches if num_batches is not None else max(1, len(labels) // global_batch)
+        # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``, not on the batch sampler itself:
+        # without this every epoch would repeat epoch 0's batches.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at each epoch start; every rank reshuffles the same way."""
@@ -119,3 +123,83 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 if lo <= slot < hi:
                     batch.extend(int(i) for i in take)
             yield batch
+
+
+class RandomBatchSampler(Sampler[list[int]]):
+    """Uniformly shuffled batches of ``batch_size`` items per rank, DDP-aware and deterministic for a seed.
+
+    The batch construction of in-batch-negative training on query/document data (every other query's
+    positive is a negative; Karpukhin et al., "Dense Passage Retrieval for Open-Domain Question
+    Answering", EMNLP 2020, Sec. 3.2, "in-batch negatives"), where a batch has no class structure.
+
+    Every global step takes ``batch_size * world_size`` consecutive items of a permutation of the
+    dataset drawn from ``(seed, epoch, pass)``; rank ``r`` takes the ``r``-th slice, so ranks see
+    disjoint shards of every global batch and the gathered batch is one random batch without a
+    repeated item. Every rank builds the same permutation: no communication. With ``drop_last`` the
+    incomplete tail of a pass is dropped; without it the last global batch of a pass is completed
+    with the first items of the same permutation (so every rank still gets ``batch_size`` items and
+    no item appears twice in a global batch). ``num_batches`` beyond one pass starts a new pass with
+    a new permutation.
+
+    Args:
+        labels_or_size: the dataset size, or a per-item sequence (labels) whose length is the size
+            (the ``BatchSamplerFactory`` contract passes the train labels).
+        batch_size: items per rank per step.
+        rank, world_size: this process's place in DDP (``0, 1`` on a single process).
+        seed: the global seed; the epoch is mixed in by ``set_epoch``.
+        num_batches: batches per epoch per rank; default: one pass (``size // (batch_size * world_size)``,
+            rounded up without ``drop_last``).
+        drop_last: see above.
+    """
+
+    def __init__(
+        self,
+        labels_or_size: int | Sequence[int] | np.ndarray | torch.Tensor,
+        batch_size: int = 32,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_batches: int | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        size = int(labels_or_size) if isinstance(labels_or_size, (int, np.integer)) else len(labels_or_size)
+        if batch_size < 1:
+            raise ValueError(f"RandomBatchSampler needs batch_size >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        global_batch = batch_size * world_size
+        if size < global_batch:
+            ranks = f" x {world_size} ranks" if world_size > 1 else ""
+            raise ValueError(
+                f"RandomBatchSampler: a global batch needs {global_batch} items (batch_size={batch_size}{ranks}) "
+                f"but the dataset has only {size}; lower batch_size"
+            )
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"RandomBatchSampler: num_batches must be >= 1 or None, got {num_batches}")
+        self.size, self.batch_size, self.drop_last = size, batch_size, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batches_per_pass = size // global_batch if drop_last else -(-size // global_batch)
+        self.num_batches = num_batches if num_batches is not None else self.batches_per_pass
+        self.epoch = 0
+        # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``, not on the batch sampler itself.
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at each epoch start; every rank reshuffles the same way."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        global_batch = self.batch_size * self.world_size
+        lo = self.rank * self.batch_size
+        for b in range(self.num_batches):
+            pass_index, step = divmod(b, self.batches_per_pass)
+            if step == 0:
+                perm = np.random.default_rng([self.seed, self.epoch, pass_index]).permutation(self.size)
+                if not self.drop_last and len(perm) % global_batch:  # complete the last global batch from the start
+                    perm = np.concatenate([perm, perm[: global_batch - len(perm) % global_batch]])
+            start = step * global_batch + lo
+            yield [int(i) for i in perm[start : start + self.batch_size]]

@@ -152,7 +152,16 @@ def format_report(datamodule) -> str:
     lines = [f"{'split':<10}{noun:>10}{'classes':>10}"]
     lines += [f"{name:<10}{row[noun]:>10,}{row['classes']:>10,}" if row.get("classes") is not None else f"{name:<10}{row[noun]:>10,}{'-':>10}"
               for name, row in sizes.items()]
-    protocol = {"self": "every test item a query against the others", "query_gallery": "query set against gallery"}
+    for name, row in sizes.items():  # the counts a DataModule adds (query/document: positives per query ...)
+        extra = {k: v for k, v in row.items() if k not in (noun, "classes") and v is not None}
+        if extra:
+            lines.append(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v:,.2f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v:,}" for k, v in extra.items()))
+    protocol = {
+        "self": "every test item a query against the others",
+        "query_gallery": "query set against gallery",
+        "query_doc": "each split's queries against the whole corpus (qrels)",
+        "image_text": "images against captions, both directions (several captions per image)",
+    }
     eval_protocol = getattr(datamodule, "eval_protocol", None)
     if eval_protocol is not None:
         lines.append(f"protocol: {protocol.get(eval_protocol, eval_protocol)}")
