@@ -6,6 +6,8 @@ from datamodules.cub200 import CUB200DataModule
 from datamodules.datasets import ArrayImageDataset, ImageFileDataset, Indexed, LabelledDataset, QueryGalleryDataset, TextDataset
 from datamodules.digits import DigitsDataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
+from datamodules.fashion_scenes import generate_scenes
+from datamodules.image_text import ImageTextDataModule, ImageTextInputs, ShardStream
 from datamodules.inputs import ImageInputs, InputPipeline, TextInputs
 from datamodules.inshop import InShopDataModule
 from datamodules.metadata import DatasetFormatError
@@ -44,4 +46,8 @@ __all__ = [
     "WordNetGlossDataModule",
     "MSMARCOPassageDataModule",
     "LazyTextCollection",
+    "ImageTextDataModule",
+    "ImageTextInputs",
+    "ShardStream",
+    "generate_scenes",
 ]

@@ -10,6 +10,8 @@ Evaluation protocols (``eval_protocol``, a class attribute the LightningModule r
 
 - ``"self"``: every test item is a query against all the others (CUB, Cars196, SOP); eval items
   are ``{"image", "label", "index"}`` (text: ``{"input_ids", "attention_mask", "label", "index"}``).
+- ``"query_doc"`` (``datamodules.query_doc``) and ``"image_text"`` (``datamodules.image_text``): loaders
+  ``[queries, corpus]`` and ``[images, captions(, zero_shot)]``, read by their LightningModules.
 - ``"query_gallery"``: separate query and gallery sets (In-Shop); the subclass sets
   ``query_dataset`` and ``gallery_dataset`` and ``test_dataset`` is their ``QueryGalleryDataset``;
   eval items also hold ``"is_query"``.

@@ -167,6 +167,9 @@ def format_report(datamodule) -> str:
         lines.append(f"protocol: {protocol.get(eval_protocol, eval_protocol)}")
     if getattr(datamodule, "recall_ks", None):
         lines.append(f"recall@K: {', '.join(str(k) for k in datamodule.recall_ks)}")
+    summary = getattr(datamodule, "data_summary", None)
+    if callable(summary):  # image-text: captions per image, negatives, skipped samples
+        lines.append(summary())
     return "\n".join(lines)
 
 

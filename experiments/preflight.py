@@ -109,7 +109,8 @@ def run_facts(datamodule: Any = None, embed_dim: int | None = None, world_size: 
         return facts
     datamodule.prepare_splits()
     facts.data_name = type(datamodule).__name__
-    facts.train_labels = np.asarray(datamodule.train_dataset.labels)
+    labels = getattr(datamodule.train_dataset, "labels", None)
+    facts.train_labels = np.asarray(labels) if labels is not None else None
     namer = getattr(datamodule, "class_name", None)
     if callable(namer):
         facts.class_name = namer
