@@ -4,7 +4,7 @@ Submodules are imported where they are used (``from lightning_modules.metrics im
 RetrievalMetrics``) so that importing this package stays cheap.
 """
 
-__all__ = ["EmbeddingStep", "MetricLearningModule", "MoCoModule"]
+__all__ = ["EmbeddingStep", "EmbeddingModule", "MetricLearningModule", "MoCoModule", "DualEncoderModule", "CLIPModule"]
 
 
 def __getattr__(name: str):
@@ -17,6 +17,18 @@ def __getattr__(name: str):
         from lightning_modules.moco_module import MoCoModule
 
         return MoCoModule
+    if name == "EmbeddingModule":
+        from lightning_modules.embedding_module import EmbeddingModule
+
+        return EmbeddingModule
+    if name == "DualEncoderModule":
+        from lightning_modules.dual_encoder_module import DualEncoderModule
+
+        return DualEncoderModule
+    if name == "CLIPModule":
+        from lightning_modules.clip_module import CLIPModule
+
+        return CLIPModule
     if name == "EmbeddingStep":
         from lightning_modules.step import EmbeddingStep
 

@@ -165,10 +165,18 @@ class CLIPLoss(nn.Module):
     Distributed (the shared step, ``gather="local"``): rank ``r`` calls ``directional(image_r,
     text_all, pos_mask=diagonal at offset start_r)`` and the same for text->image; the mean over
     ranks of those per-rank losses is the global loss (open_clip's ``local_loss=True``).
+
+    Args:
+        symmetric: False keeps the first direction only (query -> document InfoNCE with in-batch
+            and hard negatives, sentence-transformers' ``MultipleNegativesRankingLoss``; its
+            ``scale=20`` is ``logit_scale=20``, a temperature of 0.05).
     """
 
     two_view = True
-    symmetric = True
+
+    def __init__(self, symmetric: bool = True) -> None:
+        super().__init__()
+        self.symmetric = symmetric
 
     def forward(
         self,
@@ -184,6 +192,8 @@ class CLIPLoss(nn.Module):
         who = type(self).__name__
         pos_mask, ignore_mask = check_two_view(who, image_emb, text_emb, pos_mask, ignore_mask, "image_emb", "text_emb")
         i2t = self.directional(image_emb, text_emb, logit_scale, logit_bias, pos_mask=pos_mask, ignore_mask=ignore_mask)
+        if not self.symmetric:
+            return i2t
         t2i = self.directional(text_emb, image_emb, logit_scale, logit_bias, pos_mask=transpose_mask(pos_mask), ignore_mask=transpose_mask(ignore_mask))
         return (i2t + t2i) / 2
 
