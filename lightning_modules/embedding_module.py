@@ -111,6 +111,10 @@ class EmbeddingModule(L.LightningModule):
         """The step's inputs for a training batch: every pass of ``encoder_passes`` run with graph."""
         return self.step_inputs_from(batch, *(encoder(inputs) for encoder, inputs in self.encoder_passes(batch)))
 
+    def run_step(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The shared step on ``inputs`` (a regime with a second term, TripletCLIP, adds it here)."""
+        return self.step(**inputs)
+
     def make_metrics(self) -> nn.Module:
         """The evaluation metric of this regime (a torchmetrics ``Metric`` or a module of them)."""
         raise NotImplementedError
@@ -126,7 +130,7 @@ class EmbeddingModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         if self.grad_cache is None:
             inputs = self.embed(batch)
-            outputs = self.step(**inputs)
+            outputs = self.run_step(inputs)
             batch_size = len(inputs["emb"])
         else:
             outputs, batch_size = self._grad_cache_step(batch, batch_idx)
@@ -146,7 +150,7 @@ class EmbeddingModule(L.LightningModule):
         outputs: dict[str, Any] = {}
 
         def objective(*embeddings: Tensor) -> Tensor:
-            outputs.update(self.step(**self.step_inputs_from(batch, *embeddings)))
+            outputs.update(self.run_step(self.step_inputs_from(batch, *embeddings)))
             return outputs["loss"]
 
         wrapper = self.trainer.strategy.model
