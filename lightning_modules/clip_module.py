@@ -165,19 +165,13 @@ class CLIPModule(EmbeddingModule):
             emb = self.model.encode_text(tokenizer(prompts).to(self.device)).float()
         return emb.view(len(classes), len(templates), -1)
 
-    def _start(self, metrics: nn.ModuleDict) -> None:
+    def prepare_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
         classifier = self._classifier()
-        self._zero_shot = classifier is not None
+        metrics.zero_shot_on = classifier is not None
         if classifier is not None:
             metrics["zero_shot"].set_classifier(classifier)
 
-    def on_validation_epoch_start(self) -> None:
-        self._start(self.val_metrics)
-
-    def on_test_epoch_start(self) -> None:
-        self._start(self.test_metrics)
-
-    def _eval_step(self, metrics: nn.ModuleDict, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+    def eval_batch(self, metrics: nn.ModuleDict, batch: dict[str, Tensor], dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
             metrics["retrieval"].update_images(self.model.encode_image(batch["image"]).float(), batch["index"])
         elif dataloader_idx == 1:
@@ -185,19 +179,12 @@ class CLIPModule(EmbeddingModule):
         else:
             metrics["zero_shot"].update(self.model.encode_image(batch["image"]).float(), batch["label"], batch["index"])
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.val_metrics, batch, dataloader_idx)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.test_metrics, batch, dataloader_idx)
-
-    def _log_metrics(self, metrics: nn.ModuleDict, prefix: str) -> dict[str, float]:
-        values = dict(metrics["retrieval"].compute())
+    def compute_metrics(self, metrics: nn.ModuleDict) -> dict[str, float]:
+        values = {k: float(v) for k, v in metrics["retrieval"].compute().items()}
         metrics["retrieval"].reset()
-        if getattr(self, "_zero_shot", False):
-            values.update({f"zero_shot_{k}": v for k, v in metrics["zero_shot"].compute().items()})
+        if getattr(metrics, "zero_shot_on", False):
+            values.update({f"zero_shot_{k}": float(v) for k, v in metrics["zero_shot"].compute().items()})
             metrics["zero_shot"].reset()
-        self.log_dict({f"{prefix}/{k}": float(v) for k, v in values.items()}, sync_dist=True)
         return values
 
 

@@ -169,24 +169,11 @@ class DualEncoderModule(EmbeddingModule):
                 f"{getattr(datamodule, 'eval_protocol', None)!r}, expected 'query_doc' (a datamodules.QueryDocDataModule)"
             )
 
-    def _set_qrels(self, metrics: nn.Module, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        metrics.set_qrels(datamodule.qrels(stage))
+    def prepare_metrics(self, metrics: nn.Module, stage: str) -> None:
+        metrics.set_qrels(self.trainer.datamodule.qrels(stage))
 
-    def on_validation_epoch_start(self) -> None:
-        self._set_qrels(self.val_metrics, "validate")
-
-    def on_test_epoch_start(self) -> None:
-        self._set_qrels(self.test_metrics, "test")
-
-    def _eval_step(self, metrics: nn.Module, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+    def eval_batch(self, metrics: nn.Module, batch: dict[str, Tensor], dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
             metrics.update_queries(self.query_encoder(tokens(batch)).float(), batch["index"])
         else:
             metrics.update_docs(self.documents(tokens(batch)).float(), batch["index"])
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.val_metrics, batch, dataloader_idx)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.test_metrics, batch, dataloader_idx)

@@ -20,7 +20,7 @@ pairs with gradient, what gradient caching chunks), ``step_inputs_from(batch, *e
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -221,10 +221,35 @@ class EmbeddingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
 
     # ------------------------------------------------------------------------------- evaluate
-    def _log_metrics(self, metrics: nn.Module, prefix: str) -> dict[str, float]:
-        values = metrics.compute()
+    def prepare_metrics(self, metrics: nn.Module, stage: str) -> None:
+        """Before an evaluation pass of ``stage`` ("validate"/"test"): what the metric needs from the
+        DataModule (qrels, zero-shot class prompts)."""
+
+    def eval_batch(self, metrics: nn.Module, batch: dict[str, Any], dataloader_idx: int = 0) -> None:
+        """Embed one evaluation batch of loader ``dataloader_idx`` into ``metrics``."""
+        raise NotImplementedError
+
+    def compute_metrics(self, metrics: nn.Module) -> dict[str, float]:
+        """The metric values as floats; resets the metric."""
+        values = {k: float(v) for k, v in metrics.compute().items()}
         metrics.reset()
-        self.log_dict({f"{prefix}/{k}": float(v) for k, v in values.items()}, sync_dist=True)
+        return values
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_batch(self.val_metrics, batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_batch(self.test_metrics, batch, dataloader_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self.prepare_metrics(self.val_metrics, "validate")
+
+    def on_test_epoch_start(self) -> None:
+        self.prepare_metrics(self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: nn.Module, prefix: str) -> dict[str, float]:
+        values = self.compute_metrics(metrics)
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=True)
         return values
 
     def on_validation_epoch_end(self) -> None:
@@ -232,6 +257,22 @@ class EmbeddingModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+
+    @torch.no_grad()
+    def evaluate(self, dataloaders: Iterable | Sequence[Iterable], stage: str = "test") -> dict[str, float]:
+        """The metrics of the current encoders outside the Trainer loops: ``dataloaders`` is one loader
+        or the DataModule's list (``[queries, corpus]``, ``[images, captions, zero_shot]``) of ``stage``."""
+        loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+        was_training = self.training
+        self.eval()
+        metrics = self.make_metrics().to(self.device)
+        self.prepare_metrics(metrics, stage)
+        for idx, loader in enumerate(loaders):
+            for batch in loader:
+                self.eval_batch(metrics, {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}, idx)
+        values = self.compute_metrics(metrics)
+        self.train(was_training)
+        return values
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from contracts.distances import BaseDistance
@@ -146,7 +144,7 @@ class MetricLearningModule(EmbeddingModule):
         metric = QueryGalleryRetrievalMetrics if protocol == "query_gallery" else RetrievalMetrics
         return metric(ks=tuple(ks), nmi=self.hparams.eval_nmi, distance=self.hparams.eval_distance)
 
-    def _eval_step(self, metrics: nn.Module, batch: dict[str, Tensor]) -> None:
+    def eval_batch(self, metrics: nn.Module, batch: dict[str, Tensor], dataloader_idx: int = 0) -> None:
         from lightning_modules.metrics import QueryGalleryRetrievalMetrics
 
         emb = self.encoder(batch["image"]).float()  # float32 metrics under a bf16/fp16 autocast
@@ -156,22 +154,3 @@ class MetricLearningModule(EmbeddingModule):
             metrics.update(emb, batch["label"], batch["is_query"].bool(), index=batch["index"])
         else:
             metrics.update(emb, batch["label"], batch["index"])
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(self.val_metrics, batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(self.test_metrics, batch)
-
-    @torch.no_grad()
-    def evaluate(self, dataloader: Iterable) -> dict[str, float]:
-        """Retrieval metrics of the current encoder on a loader of ``{"image", "label", "index"[, "is_query"]}``
-        batches (outside the Trainer loops)."""
-        was_training = self.training
-        self.eval()
-        metrics = self.make_metrics().to(self.device)
-        for batch in dataloader:
-            self._eval_step(metrics, {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()})
-        values = {k: float(v) for k, v in metrics.compute().items()}
-        self.train(was_training)
-        return values

@@ -51,9 +51,10 @@ class RetrievalReport(L.Callback):
 
     def table(self) -> str:
         rows = [f"{'test metric':<14}{'untrained':>12}{'trained':>12}"]
-        for key in self.keys:
-            before = f"{self.before[key]:.4f}" if self.before else "-"
-            after = f"{self.after[key]:.4f}" if self.after else "-"
+        present = set(self.after or {}) | set(self.before or {})
+        for key in [k for k in self.keys if k in present] or sorted(present):
+            before = f"{self.before[key]:.4f}" if self.before and key in self.before else "-"
+            after = f"{self.after[key]:.4f}" if self.after and key in self.after else "-"
             rows.append(f"{key:<14}{before:>12}{after:>12}")
         return "\n".join(rows)
 

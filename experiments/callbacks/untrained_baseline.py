@@ -36,6 +36,8 @@ class UntrainedBaseline(L.Callback):
             return None
         datamodule.setup("validate")
         loader = datamodule.val_dataloader()
+        if isinstance(loader, (list, tuple)):  # [queries, corpus] / [images, captions]: a cut corpus would change the task
+            return pl_module.evaluate(loader, stage="validate")
         limit = trainer.limit_val_batches
         if isinstance(limit, float) and limit < 1.0:
             limit = int(len(loader) * limit)
