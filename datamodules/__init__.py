@@ -7,7 +7,7 @@ from datamodules.datasets import ArrayImageDataset, ImageFileDataset, Indexed, L
 from datamodules.digits import DigitsDataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.fashion_scenes import generate_scenes
-from datamodules.image_text import ImageTextDataModule, ImageTextInputs, ShardStream
+from datamodules.image_text import FashionScenesDataModule, ImageTextDataModule, ImageTextInputs, ShardStream
 from datamodules.inputs import ImageInputs, InputPipeline, TextInputs
 from datamodules.inshop import InShopDataModule
 from datamodules.metadata import DatasetFormatError
@@ -47,6 +47,7 @@ __all__ = [
     "MSMARCOPassageDataModule",
     "LazyTextCollection",
     "ImageTextDataModule",
+    "FashionScenesDataModule",
     "ImageTextInputs",
     "ShardStream",
     "generate_scenes",

@@ -228,6 +228,10 @@ class WordNetGlossDataModule(QueryDocDataModule):
             queries (0 validation: validate on the test split).
         siblings_as_negatives: give the train queries their sibling synsets' documents as hard-negative
             candidates (needed for ``num_negatives > 0``).
+        negatives_file: take the candidates from a hard-negative JSONL instead (what ``hardneg mine``
+            writes, sentence-transformers' format ``{"qid", "pos", "neg": {"<system>": [...]}}``):
+            ``qid`` a train query id (``"02084071-n"``) or train row, negatives corpus rows; the
+            systems' lists are joined in file order. Train queries the file lacks get no candidates.
         **kwargs: see ``QueryDocDataModule`` (``num_negatives``, ``batch_size``, ``query_prefix`` ...).
 
     After ``prepare_splits()``: ``nouns`` (the parsed synsets), ``doc_row`` (synset -> corpus row) and
@@ -241,6 +245,7 @@ class WordNetGlossDataModule(QueryDocDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         siblings_as_negatives: bool = True,
+        negatives_file: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -249,6 +254,7 @@ class WordNetGlossDataModule(QueryDocDataModule):
         self.root, self.split_seed = root, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.siblings_as_negatives = siblings_as_negatives
+        self.negatives_file = negatives_file
         self.nouns: WordNetNouns | None = None
         self.doc_row: np.ndarray | None = None
         self.split_synsets: dict[str, np.ndarray] = {}
@@ -273,5 +279,45 @@ class WordNetGlossDataModule(QueryDocDataModule):
             return QueryDocSplit([nouns.definitions[s] for s in synsets], [[rows[s]] for s in synsets], [f"{nouns.offsets[s]}-n" for s in synsets])
 
         self.nouns, self.doc_row, self.split_synsets = nouns, doc_row, parts
-        negatives = SiblingNegatives(parts["train"], nouns.hypernyms, doc_row) if self.siblings_as_negatives else None
-        return QueryDocData(corpus, split(parts["train"]), split(parts["val"]) if n_val else None, split(parts["test"]), doc_ids=None, negatives=negatives)
+        train = split(parts["train"])
+        if self.negatives_file is not None:
+            negatives = read_negatives_jsonl(self.negatives_file, train.query_ids, len(corpus))
+        else:
+            negatives = SiblingNegatives(parts["train"], nouns.hypernyms, doc_row) if self.siblings_as_negatives else None
+        return QueryDocData(corpus, train, split(parts["val"]) if n_val else None, split(parts["test"]), doc_ids=None, negatives=negatives)
+
+
+def read_negatives_jsonl(path: str, query_ids: list[str], n_docs: int) -> list[list[int]]:
+    """Per train query row its candidate corpus rows from a hard-negative JSONL (``.gz`` too):
+    ``qid`` is a query id of ``query_ids`` or a row number; every line names its file and line
+    number when malformed."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    from datamodules.metadata import DatasetFormatError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"hard-negative file {path} not found (write one with `hardneg mine`)")
+    row_of = {q: i for i, q in enumerate(query_ids)}
+    out: list[list[int]] = [[] for _ in query_ids]
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                qid, neg = record["qid"], record["neg"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DatasetFormatError(f"{path} line {number}: expected {{\"qid\", \"pos\", \"neg\": {{system: [rows]}}}} ({e})") from None
+            row = row_of.get(qid) if isinstance(qid, str) else (int(qid) if isinstance(qid, int) and 0 <= qid < len(query_ids) else None)
+            if row is None:
+                raise DatasetFormatError(f"{path} line {number}: qid {qid!r} is not a train query id or row of this split ({len(query_ids)} queries)")
+            lists = neg.values() if isinstance(neg, dict) else [neg]
+            seen = dict.fromkeys(int(d) for values in lists for d in values)
+            bad = [d for d in seen if not 0 <= d < n_docs]
+            if bad:
+                raise DatasetFormatError(f"{path} line {number}: negative rows {bad[:5]} are outside the corpus of {n_docs} documents")
+            out[row] = list(seen)
+    return out

@@ -228,3 +228,21 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="relation"):
         SceneSpec(SceneItem(0, "red", 0), SceneItem(1, "blue", 1), "above")
     assert CLASS_NAMES[SNEAKER] == "sneaker" and CLASS_NAMES[BAG] == "bag" and CLASS_NAMES[SANDAL] == "sandal"
+
+
+def test_scenes_datamodule_writes_once_and_reads_shards_and_csv(tmp_path):
+    from datamodules import FashionScenesDataModule
+    from tests.datamodules.test_image_text import CONFIG
+
+    require_path(DEBIAN_ROOT, "Debian package dataset-fashion-mnist")
+    for fmt in ("shards", "csv"):
+        dm = FashionScenesDataModule(root=str(tmp_path / "scenes"), n_train=40, n_test=10, shard_size=16, train_format=fmt, batch_size=4,
+                                     num_workers=0, data_config=CONFIG, zero_shot_size=20)
+        dm.prepare_data()
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["image"].shape == (4, 3, 32, 32) and batch["text"].shape[0] == 4
+        assert len(dm.test_dataset.captions) == 30 and dm.zero_shot_classes is not None
+    manifest = (tmp_path / "scenes" / "scenes.json").stat().st_mtime
+    FashionScenesDataModule(root=str(tmp_path / "scenes"), n_train=40, n_test=10, shard_size=16).prepare_data()
+    assert (tmp_path / "scenes" / "scenes.json").stat().st_mtime == manifest  # same parameters: not rewritten

@@ -165,3 +165,25 @@ def test_a_malformed_line_names_the_file_and_line(tmp_path, line, problem):
     with pytest.raises(ValueError, match=r"data\.noun, line 6: .*" + problem.replace("(", r"\(").replace(")", r"\)")) as err:
         read_wordnet_nouns(root)
     assert "apt-get install wordnet-base" in str(err.value) and str(root) in str(err.value)
+
+
+def test_candidates_from_a_hard_negative_file(tmp_path):
+    import json
+
+    root = write_mini(tmp_path)
+    dm = WordNetGlossDataModule(root=str(root), num_workers=0, val_fraction=0.0, test_fraction=0.3, batch_size=2, num_negatives=1)
+    dm.prepare_splits()
+    ids = list(dm.data.train.query_ids)
+    lines = [{"qid": ids[0], "pos": [], "neg": {"model": [3, 1], "bm25": [1, 2]}}, {"qid": 1, "pos": [], "neg": {"model": [0]}}]
+    path = tmp_path / "negatives.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dm2 = WordNetGlossDataModule(root=str(root), num_workers=0, val_fraction=0.0, test_fraction=0.3, batch_size=2, num_negatives=1,
+                                 negatives_file=str(path))
+    dm2.prepare_splits()
+    assert dm2.data.negatives[0] == [3, 1, 2] and dm2.data.negatives[1] == [0] and dm2.data.negatives[2] == []
+    path.write_text(json.dumps({"qid": "nope", "neg": {"m": [1]}}) + "\n")
+    with pytest.raises(Exception, match="line 1: qid 'nope'"):
+        WordNetGlossDataModule(root=str(root), num_workers=0, val_fraction=0.0, test_fraction=0.3, negatives_file=str(path)).prepare_splits()
+    path.write_text(json.dumps({"qid": 0, "neg": {"m": [99]}}) + "\n")
+    with pytest.raises(Exception, match="outside the corpus"):
+        WordNetGlossDataModule(root=str(root), num_workers=0, val_fraction=0.0, test_fraction=0.3, negatives_file=str(path)).prepare_splits()
