@@ -35,8 +35,9 @@ from torch import nn
 # Children a component hands its output to, and those that produce it (by constructor argument name).
 CONSUMER = "loss"
 PRODUCERS = ("miner", "mixer")
-# Children not walked into: an encoder's own modules (timm's ``num_classes`` ...) are not components.
-OPAQUE = ("encoder", "backbone", "distance")
+# Children not walked into: an encoder's own modules (timm's ``num_classes`` ...) are not components
+# (the text regime's towers, guide and teacher, the CLIP regime's model).
+OPAQUE = ("encoder", "backbone", "distance", "query_encoder", "doc_encoder", "model", "guide", "teacher")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,9 @@ def run_facts(datamodule: Any = None, embed_dim: int | None = None, world_size: 
     datamodule.prepare_splits()
     facts.data_name = type(datamodule).__name__
     labels = getattr(datamodule.train_dataset, "labels", None)
-    facts.train_labels = np.asarray(labels) if labels is not None else None
+    # query/document and image-text items carry row ids, not classes: no class-count checks
+    classes = getattr(datamodule, "eval_protocol", "self") not in ("query_doc", "image_text")
+    facts.train_labels = np.asarray(labels) if labels is not None and classes else None
     namer = getattr(datamodule, "class_name", None)
     if callable(namer):
         facts.class_name = namer

@@ -30,6 +30,7 @@ the true class of each image and lets torchmetrics concatenate those.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -195,15 +196,22 @@ class ImageTextRetrievalMetrics(Metric):
         img_order, txt_order = first_per_key(img_all), first_per_key(txt_all)
         image_ids = img_all[img_order].numpy()  # sorted, distinct
         text_ids, text_targets = txt_all[txt_order].numpy(), txt_img_all[txt_order].numpy()
+        # A partial pass (Lightning's sanity check, limit_val_batches, fast_dev_run) can see captions of images it did
+        # not embed, and images none of whose captions it saw: score the consistent part and say so.
         missing = ~np.isin(text_targets, image_ids)
         if missing.any():
-            raise ValueError(
-                f"{owner}: {int(missing.sum())} captions name images that were never added (caption index "
-                f"{text_ids[missing][0]} -> image index {text_targets[missing][0]}); add every image with update_images"
-            )
-        _check_every_image_captioned(image_ids, text_targets, "image indices")
-        keep_img = _kept(img_order, len(img_all))[img_mine]
-        keep_txt = _kept(txt_order, len(txt_all))[txt_mine]
+            warnings.warn(f"{owner}: {int(missing.sum())} captions name images that were never added (caption index {text_ids[missing][0]} -> "
+                          f"image index {text_targets[missing][0]}); they are left out (a partial evaluation pass?)", stacklevel=2)
+            text_ids, text_targets = text_ids[~missing], text_targets[~missing]
+        lonely = ~np.isin(image_ids, text_targets)
+        if lonely.any():
+            warnings.warn(f"{owner}: {int(lonely.sum())} images have no caption among those added (image indices {image_ids[lonely][:10].tolist()}); "
+                          f"they are left out (a partial evaluation pass?)", stacklevel=2)
+            image_ids = image_ids[~lonely]
+        if len(image_ids) == 0:
+            raise ValueError(f"{owner}.compute(): no image has a caption among those added")
+        keep_img = _kept(img_order, len(img_all))[img_mine] & torch.from_numpy(np.isin(img_idx.cpu().numpy(), image_ids))
+        keep_txt = _kept(txt_order, len(txt_all))[txt_mine] & torch.from_numpy(np.isin(txt_idx.cpu().numpy(), text_ids))
         img_emb, img_idx = img_emb[keep_img], img_idx.cpu()[keep_img]
         txt_emb, txt_idx, txt_img = txt_emb[keep_txt], txt_idx.cpu()[keep_txt], txt_img.cpu()[keep_txt]
         distributed = world > 1

@@ -5,6 +5,8 @@
 - Paper recipes (``recipes/``) need their benchmark's folder: ``tests/experiments/test_recipes.py``
   runs them on generated miniature copies of the official formats.
 - Grids (``grids/``) are not LightningCLI configs; the grid tests expand them.
+- The text and image-text run configs (``text/``, ``clip/``) run on shrunken data in ``test_regime_configs.py``;
+  the mining fragments (``mining/``) on top of the text config in ``test_mining_fragments.py``.
 """
 
 from pathlib import Path
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 BASE = ROOT / "tests" / "configs" / "digits_tiny.yaml"
 FRAGMENT_DIRS = ("miner", "loss", "encoder", "mixing", "training")
-ELSEWHERE = ("recipes", "grids")
+ELSEWHERE = ("recipes", "grids", "text", "clip", "mining")  # text/, clip/: test_regime_configs.py; mining/: test_mining_fragments.py
 
 
 def configs(kind: str) -> list[Path]:
