@@ -2,7 +2,7 @@
 
 Files, one concept each:
 
-- :mod:`.index`: the faiss helper (``build_index``, ``search``, ``iter_search``, ``merge_topk``,
+- :mod:`contracts.index` (below miners too, which mine with it): the faiss helper (``build_index``, ``search``, ``iter_search``, ``merge_topk``,
   ``kmeans``): flat / IVF / HNSW, inner product or L2, GPU when present, bounded memory.
 - :mod:`.sharded`: ``sharded_search``: a reference set split across ranks, top-k lists merged.
 - :mod:`.knn_scores`: Recall@K, Precision@1, R-Precision, MAP@R from neighbour lists.
@@ -17,7 +17,7 @@ Files, one concept each:
   rule) and zero-shot classification accuracy, as functions and ``Metric`` classes.
 - :mod:`.compositional`: SugarCrepe / SugarCrepe++ scores and text -> image negative-image accuracy.
 
-Names are loaded on first use, so ``lightning_modules.metrics.index`` does not import torchmetrics.
+Names are loaded on first use, so ``contracts.index`` does not import torchmetrics.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ _EXPORTS = {
     "RetrievalMetrics": "retrieval_metric",
     "QueryGalleryRetrievalMetrics": "query_gallery",
     "EmbeddingStore": "embedding_store",
-    "search": "index",
-    "build_index": "index",
-    "kmeans": "index",
+    "search": "contracts.index",
+    "build_index": "contracts.index",
+    "kmeans": "contracts.index",
     "sharded_search": "sharded",
     "ranking_metrics": "ranking",
     "RankingMetrics": "ranking",
@@ -53,7 +53,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

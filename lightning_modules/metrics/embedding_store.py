@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_modules.metrics.index import IndexKind
+from contracts.index import IndexKind
 from lightning_modules.metrics.inputs import Distance, check_distance, check_ks, check_update
 from lightning_modules.metrics.sharded import distributed_world
 

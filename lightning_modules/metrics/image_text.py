@@ -16,7 +16,7 @@ padding duplicates dropped by dataset index):
   ensembling"), and an image is assigned the classes of highest cosine similarity.
 
 Similarity is the cosine: every embedding is L2-normalised inside, chunk by chunk, on the shared
-faiss helper (:mod:`~lightning_modules.metrics.index`, through
+faiss helper (:mod:`~contracts.index`, through
 :func:`~lightning_modules.metrics.sharded.iter_sharded_search`), so no ``[I, T]`` similarity matrix
 is ever held: memory is the index plus ``O(chunk_size * (D + K))``. Ties between references are
 broken by the lower reference id (faiss' order), i.e. by dataset index in the Metric classes.
@@ -43,8 +43,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from contracts.index import DEFAULT_CHUNK, ArrayLike, IndexKind, as_float32, search
 from lightning_modules.metrics.embedding_store import first_per_key
-from lightning_modules.metrics.index import DEFAULT_CHUNK, ArrayLike, IndexKind, as_float32, search
 from lightning_modules.metrics.inputs import as_embeddings, as_tensor, check_ks, describe
 from lightning_modules.metrics.sharded import comm_device, distributed_world, iter_sharded_search
 
@@ -75,7 +75,7 @@ def image_text_retrieval(
         ks: the K of Recall@K. A K at least the number of references counts every query as found.
         chunk_size: queries searched at once.
         index: ``"flat"`` (exact) or an approximate index (``index_kwargs`` as in
-            :func:`~lightning_modules.metrics.index.build_index`).
+            :func:`~contracts.index.build_index`).
 
     Returns:
         Python floats ``i2t_r@K`` (an image is found when *any* of its captions is among its K

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lightning_modules.metrics.index import ArrayLike, IndexKind, Metric
+from contracts.index import ArrayLike, IndexKind, Metric
 from lightning_modules.metrics.sharded import comm_device, distributed_world, iter_sharded_search
 
 # Working arrays per chunk are [rows, k]: cap rows * k so that a class with thousands of members

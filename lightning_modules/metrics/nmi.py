@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightning_modules.metrics.index import kmeans
+from contracts.index import kmeans
 
 KMEANS_NITER = 20
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from contracts.index import IndexKind
 from lightning_modules.metrics.embedding_store import EmbeddingStore, first_per_key, positions
-from lightning_modules.metrics.index import IndexKind
 from lightning_modules.metrics.inputs import Distance
 from lightning_modules.metrics.retrieval import labelled_scores
 

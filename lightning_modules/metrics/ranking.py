@@ -24,12 +24,12 @@ does when its qrels lack the query. No query with a relevant document: every val
 warning.
 
 Ties: a ranking is ordered by score descending, then by corpus row ascending (the shared
-:func:`~lightning_modules.metrics.index.merge_topk` order, the same whichever way the corpus is
+:func:`~contracts.index.merge_topk` order, the same whichever way the corpus is
 split). pytrec_eval re-sorts a run by score and breaks ties by document id *string*, descending, so
 the two agree only without tied scores; the tests use continuous random embeddings.
 
 Search and memory: the top ``k = max(ks, mrr_k, ndcg_k)`` (at most ``N``) documents of every query
-come from the shared faiss helper (:mod:`~lightning_modules.metrics.index`, exact ``"flat"`` by
+come from the shared faiss helper (:mod:`~contracts.index`, exact ``"flat"`` by
 default) ``chunk`` queries at a time; the ``[Q, N]`` score matrix is never built. Memory is the
 index plus ``O(chunk * (D + k))``. :class:`RankingMetrics` runs the same driver with the corpus
 split across DDP ranks (:func:`~lightning_modules.metrics.sharded.iter_sharded_search`).
@@ -49,8 +49,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from contracts.index import DEFAULT_CHUNK, ArrayLike, IndexKind, merge_topk
 from lightning_modules.metrics.embedding_store import first_per_key
-from lightning_modules.metrics.index import DEFAULT_CHUNK, ArrayLike, IndexKind, merge_topk
 from lightning_modules.metrics.inputs import as_tensor, check_ks, describe
 from lightning_modules.metrics.sharded import comm_device, distributed_world, iter_sharded_search
 
@@ -88,7 +88,7 @@ def ranking_metrics(
         mrr_k, ndcg_k: the cut-offs of MRR and nDCG (10 for MS MARCO and BEIR).
         chunk: queries searched at once; memory is the index plus ``O(chunk * (D + k))``.
         index: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"`` (approximate; ``index_kwargs`` go to
-            :func:`~lightning_modules.metrics.index.build_index`).
+            :func:`~contracts.index.build_index`).
 
     Returns:
         Python floats under ``mrr@{mrr_k}``, ``ndcg@{ndcg_k}``, ``recall@K`` for every K, ``r@1``.
@@ -141,7 +141,7 @@ class RankingMetrics(Metric):
 
     ``index`` and ``index_kwargs`` (``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``, ``gpu``,
     ``add_chunk``) choose the faiss index of each shard, as in
-    :func:`~lightning_modules.metrics.index.build_index`; other keyword arguments go to
+    :func:`~contracts.index.build_index`; other keyword arguments go to
     ``torchmetrics.Metric``.
 
     Qrels are configuration, not state: ``reset()`` keeps them. A relevant document that no rank

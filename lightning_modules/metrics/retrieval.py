@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.metrics.index import IndexKind, as_float32
+from contracts.index import IndexKind, as_float32
 from lightning_modules.metrics.inputs import ArrayLike, Distance, as_embeddings, as_labels, check_distance, check_ks
 from lightning_modules.metrics.knn_scores import knn_scores
 from lightning_modules.metrics.nmi import kmeans_nmi
@@ -61,7 +61,7 @@ def retrieval_metrics(
         chunk_size: number of queries searched at once; memory is ``O(chunk_size * k)``.
         seed: k-means seed (faiss' default, 1234, is also pytorch-metric-learning's).
         index: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"`` (approximate; ``index_kwargs`` as in
-            :func:`~lightning_modules.metrics.index.build_index`).
+            :func:`~contracts.index.build_index`).
 
     Returns:
         Python floats under ``recall@K`` for each K, ``precision@1``, ``r_precision``, ``map@r``

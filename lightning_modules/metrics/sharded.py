@@ -4,7 +4,7 @@ No rank holds the whole reference set (MS MARCO: 8.8M x 768 floats = 27 GB). Per
 contributes up to ``chunk`` of its queries; the chunks are all-gathered (``world * chunk`` query rows,
 padded to one size), every rank searches them all against its own shard with the index helper, and
 each owner receives, by one ``gather`` per rank, the ``[c, k]`` (score, global id) lists of its
-queries from every shard and merges them with :func:`~lightning_modules.metrics.index.merge_topk`.
+queries from every shard and merges them with :func:`~contracts.index.merge_topk`.
 What crosses the wire: the query chunks and ``world x k`` candidates per query; never the references.
 Memory per rank: its shard's index plus ``O(world * chunk * (D + k))``.
 
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_modules.metrics.index import (
+from contracts.index import (
     DEFAULT_CHUNK,
     ArrayLike,
     IndexKind,
@@ -60,7 +60,7 @@ def iter_sharded_search(
     references (default: offsets in rank order). Yields ``(start, scores [c, k], ids [c, k])`` for
     this rank's queries, chunk by chunk; ids are global. Without torch.distributed (or with
     ``distributed=False``, e.g. on one rank only) it is the plain chunked search of
-    :func:`~lightning_modules.metrics.index.iter_search` with the ids mapped.
+    :func:`~contracts.index.iter_search` with the ids mapped.
     """
     world = distributed_world(group) if distributed else 1
     dim = int(queries.shape[1]) if queries.shape[0] else int(reference.shape[1]) if reference.shape[0] else 0

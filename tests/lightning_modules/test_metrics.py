@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-import lightning_modules.metrics.index as index_module
+import contracts.index as index_module
 from lightning_modules.metrics import (
     QueryGalleryRetrievalMetrics,
     RetrievalMetrics,

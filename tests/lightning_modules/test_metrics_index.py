@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.metrics.index import build_index, kmeans, merge_topk, search, worst_score
+from contracts.index import build_index, kmeans, merge_topk, search, worst_score
 
 
 def data(seed: int = 0, n: int = 300, q: int = 57, dim: int = 16):

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from contracts.index import search
 from lightning_modules.metrics import QueryGalleryRetrievalMetrics, RetrievalMetrics, retrieval_metrics
-from lightning_modules.metrics.index import search
 from lightning_modules.metrics.sharded import sharded_search
 from tests.lightning_modules.test_metrics import KS, clustered
 
