@@ -12,7 +12,8 @@ from datamodules.inputs import ImageInputs, InputPipeline, TextInputs
 from datamodules.inshop import InShopDataModule
 from datamodules.metadata import DatasetFormatError
 from datamodules.msmarco import MSMARCOPassageDataModule
-from datamodules.query_doc import QueryDocData, QueryDocDataModule, QueryDocSplit, QueryDocTrainDataset
+from datamodules.ngame import NGAMEBatchSampler, balanced_kmeans
+from datamodules.query_doc import CandidateStore, QueryDocData, QueryDocDataModule, QueryDocSplit, QueryDocTrainDataset
 from datamodules.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from datamodules.sop import SOPDataModule
 from datamodules.text_collection import LazyTextCollection
@@ -39,7 +40,10 @@ __all__ = [
     "DatasetFormatError",
     "ClassBalancedBatchSampler",
     "RandomBatchSampler",
+    "NGAMEBatchSampler",
+    "balanced_kmeans",
     "QueryDocData",
+    "CandidateStore",
     "QueryDocSplit",
     "QueryDocDataModule",
     "QueryDocTrainDataset",

@@ -216,6 +216,8 @@ class RetrievalDataModule(L.LightningDataModule):
         encoder = getattr(module, "encoder", None)
         if getattr(encoder, "data_config", None):
             cfg.update(encoder.data_config)
+        if getattr(module, "needs_text", False):  # a guide model or teacher reads the raw texts (DualEncoderModule)
+            cfg.setdefault("keep_text", True)
         if self.data_config:
             cfg.update(self.data_config)
         return cfg

@@ -14,7 +14,11 @@ input pipeline, which sets the datasets' transforms and/or returns the loaders' 
   negatives): the lists are flattened query-major into one tokenized block. A field's role
   (``"query"``, ``"doc"``) prepends ``data_config["query_prefix"]`` / ``["doc_prefix"]`` (E5's
   ``"query: "`` / ``"passage: "``). Integer-list fields (``pos_idx``) become ``[B, P]`` tensors
-  padded with -1.
+  padded with -1. With ``keep_text`` (``TextInputs(keep_text=True)`` or ``data_config["keep_text"]``)
+  the batch also holds each text field's raw strings, without the role prefix, under the field's
+  prefix + ``"text"`` (``query_text: list[str] [B]``, ``doc_text``, ``neg_text [B*k]`` flattened
+  query-major like ``neg_input_ids``): what a component with another tokenizer reads (a GISTEmbed
+  guide, a cross-encoder teacher: ``DualEncoderModule.needs_text``).
 
 A new modality is one more class with ``apply(datamodule, data_config)`` and ``collate_fn(data_config)``.
 """
@@ -91,10 +95,21 @@ class TextInputs(InputPipeline):
         roles: item key -> role (``"query"`` or ``"doc"``): the text is prefixed with
             ``data_config[f"{role}_prefix"]`` (absent or ``None``: no prefix), e.g.
             ``{"query": "query", "doc": "doc", "negs": "doc"}``. A field without a role gets no prefix.
+        keep_text: also put each text field's raw strings (without the role prefix) in the batch, under
+            the field's prefix + ``"text"`` (``{"query": "query_"}`` -> ``query_text: list[str]``; a list
+            field flattened item-major). ``data_config["keep_text"] = True`` turns it on as well, so a
+            component that reads raw texts can ask for them through the DataModule's ``data_config``.
     """
 
-    def __init__(self, max_length: int | None = None, text_fields: dict[str, str] | None = None, roles: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        max_length: int | None = None,
+        text_fields: dict[str, str] | None = None,
+        roles: dict[str, str] | None = None,
+        keep_text: bool = False,
+    ) -> None:
         self.max_length = max_length
+        self.keep_text = bool(keep_text)
         self.text_fields = dict(text_fields) if text_fields is not None else {"text": ""}
         self.roles = dict(roles) if roles is not None else {}
         unknown = sorted(set(self.roles) - set(self.text_fields))
@@ -126,11 +141,13 @@ class TextInputs(InputPipeline):
                 "TextInputs: data_config has no 'tokenizer'; give the encoder a data_config with one "
                 "(HFTextEncoder does) or set data.init_args.data_config.tokenizer (a callable, or an HF name or local path)"
             )
-        return TokenizeCollate(load_tokenizer(tokenizer), int(data_config["max_length"]), self.text_fields, self.prefixes(data_config))
+        keep_text = self.keep_text or bool(data_config.get("keep_text", False))
+        return TokenizeCollate(load_tokenizer(tokenizer), int(data_config["max_length"]), self.text_fields, self.prefixes(data_config), keep_text)
 
     def __repr__(self) -> str:
         roles = f", roles={self.roles}" if self.roles else ""
-        return f"TextInputs(max_length={self.max_length}, text_fields={self.text_fields}{roles})"
+        keep = ", keep_text=True" if self.keep_text else ""
+        return f"TextInputs(max_length={self.max_length}, text_fields={self.text_fields}{roles}{keep})"
 
 
 def load_tokenizer(tokenizer: Any) -> Callable:
@@ -157,11 +174,21 @@ class TokenizeCollate:
     ``[B, L]``). A text field holding lists of strings is flattened item-major into one block.
     ``prefixes`` (field -> string) are prepended to that field's texts. Other fields: lists of ints
     become a ``[B, max list length]`` long tensor padded with -1; the rest is default-collated.
+    ``keep_text``: each text field's raw strings (before the prefix) also go in the batch as a
+    ``list[str]`` under the field's prefix + ``"text"``.
     """
 
-    def __init__(self, tokenizer: Callable, max_length: int, text_fields: Mapping[str, str], prefixes: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Callable,
+        max_length: int,
+        text_fields: Mapping[str, str],
+        prefixes: Mapping[str, str] | None = None,
+        keep_text: bool = False,
+    ) -> None:
         self.tokenizer, self.max_length, self.text_fields = tokenizer, max_length, dict(text_fields)
         self.prefixes = dict(prefixes or {})
+        self.keep_text = bool(keep_text)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if is_hf_tokenizer(self.tokenizer):
@@ -172,8 +199,9 @@ class TokenizeCollate:
             raise ValueError(f"tokenizer {self.tokenizer!r} must return a mapping with input_ids and attention_mask, got {type(out).__name__}")
         return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in out.items()}
 
-    def field_texts(self, key: str, items: list[dict[str, Any]]) -> list[str]:
-        """The texts of field ``key`` of a batch, lists flattened item-major, with the field's prefix."""
+    def field_texts(self, key: str, items: list[dict[str, Any]], prefixed: bool = True) -> list[str]:
+        """The texts of field ``key`` of a batch, lists flattened item-major, with the field's prefix
+        (``prefixed=False``: the raw strings)."""
         values = [item[key] for item in items]
         if all(isinstance(v, str) for v in values):
             texts = values
@@ -185,7 +213,7 @@ class TokenizeCollate:
         else:
             kinds = sorted({type(v).__name__ for v in values})
             raise TypeError(f"text field {key!r} must hold a str or a list of str in every item of a batch, got {kinds}")
-        prefix = self.prefixes.get(key, "")
+        prefix = self.prefixes.get(key, "") if prefixed else ""
         return [prefix + t for t in texts] if prefix else list(texts)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,6 +227,8 @@ class TokenizeCollate:
                 continue
             for name, value in self.tokenize(texts).items():
                 batch[prefix + name] = value
+            if self.keep_text:
+                batch[prefix + "text"] = self.field_texts(key, items, prefixed=False)
         for key in items[0]:
             if key not in self.text_fields:
                 batch[key] = collate_field([item[key] for item in items])

@@ -20,10 +20,31 @@ lengths agree), drops and counts queries without a relevant document, and builds
   than ``k`` usable candidates is padded (``pad_negatives``): ``"in_batch"`` marks the slot -1 (the
   loss ignores it; the query keeps its in-batch negatives), ``"random"`` fills it with random
   corpus rows that are not among its positives.
+- which ``k`` of the candidates (``negative_sampler``, ``miners.negative_samplers``): by default
+  ``UniformSampler`` (the draw above, unchanged); ``TopKSampler``, ``SimANSSampler`` (by score, around
+  the positive's score), ``PositiveAwareFilter`` (NV-Retriever's filters, then another sampler). The
+  sampler gets the query's usable candidates (deduplicated, positives removed, best first), their
+  scores and the positive's score when the candidates carry them, ``k`` and the seeded generator.
+- a replaceable candidate store (``set_candidates``, called by ``experiments.callbacks.ANNRefresh``
+  with the top-C of every train query under the current model; ANCE). Design: the candidate lists
+  live in a ``CandidateStore``, one folder per rank holding one sub-folder per *version* (``v000001/
+  rows.npy``, ``scores.npy``, ``pos_scores.npy``), each written to a temporary folder and renamed into
+  place (atomic: a reader never sees half a version). Version 0 is the static ``data.negatives``.
+  The main process owns the version counter; the epoch-tagging batch sampler reads it *per batch, in
+  the main process*, and puts it in every index: ``(query_row, epoch, version)``. A DataLoader worker
+  (persistent or not, forked or spawned, any count) therefore needs no shared state: it opens (memory-
+  maps) the version its index names, and keeps the last one it opened. So a new store is used from the
+  first batch the sampler yields after ``set_candidates``: at an epoch boundary (``ANNRefresh`` at
+  ``on_train_epoch_start`` or ``on_fit_start``, before Lightning creates the epoch's iterator), every
+  batch of the epoch; mid-epoch (``every_n_steps``), the batches not yet prefetched (with ``W``
+  workers, ``prefetch_factor * W`` batches after the call: reproducible for a given loader setting).
+  The draw is still seeded by ``(seed, epoch, query_row)``, identical on every rank (each rank writes
+  the same candidates into its own folder) and for any number of workers. The last two versions are
+  kept (in-flight batches of a mid-epoch refresh still name the previous one).
 - the train batch sampler: ``RandomBatchSampler`` over the train queries (``batch_size`` per rank,
   disjoint shards of every global batch across DDP ranks), or the injected ``batch_sampler``
   factory (called with ``labels = arange(num_train_queries)``); either is wrapped to tag every
-  index with the epoch.
+  index with the epoch and the candidate version.
 - the evaluation loaders (``eval_protocol = "query_doc"``): ``[queries, corpus]``, items
   ``{"input_ids", "attention_mask", ..., "index"}`` with ``index`` the row in the split's queries
   or in the corpus, sharded across DDP ranks (the padded duplicates share an index, so the metric
@@ -41,8 +62,13 @@ Collated train batch: ``query_input_ids [B, Lq]``, ``query_attention_mask``, ``d
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +80,7 @@ from datamodules.base import RetrievalDataModule
 from datamodules.datasets import Indexed
 from datamodules.inputs import InputPipeline, TextInputs
 from datamodules.samplers import RandomBatchSampler
+from miners.negative_samplers import NegativeSampler, UniformSampler
 
 TRAIN_TEXT_FIELDS = {"query": "query_", "doc": "doc_", "negs": "neg_"}
 TRAIN_ROLES = {"query": "query", "doc": "doc", "negs": "doc"}
@@ -115,19 +142,117 @@ class TextsDataset(Dataset):
         return {"text": self.texts[index]}
 
 
-class QueryDocTrainDataset(Dataset):
-    """Train items of a query/document split with ``k`` static hard negatives per query, drawn per epoch.
+def _remove_tree(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # a forked DataLoader worker that drops its copy must not delete the owner's folder
+        shutil.rmtree(path, ignore_errors=True)
 
-    Indexed by ``(query_row, epoch)`` (a plain ``query_row`` means epoch 0). The positive is drawn
-    from the query's qrels and the negatives from its candidates (deduplicated, positives removed;
-    without replacement, kept in candidate order) by a generator seeded with
-    ``(seed, epoch, query_row)``. Missing slots are padded as ``pad_negatives`` says (module docstring).
+
+class CandidateStore:
+    """Versioned candidate lists on disk that a training run replaces (design: module docstring).
+
+    ``write(rows, scores, pos_scores)`` (main process) stores version ``v = version + 1`` in
+    ``directory/v{v:06d}/`` (``rows.npy [Q, C] int64`` with ``-1`` for an empty slot, optional
+    ``scores.npy [Q, C] float32`` and ``pos_scores.npy [Q] float32``, NaN where unknown), written to a
+    temporary folder and renamed into place, then bumps ``version``; ``load(v)`` (any process) memory-
+    maps a version, caching the last one. Version 0 is the static candidates and is never on disk.
+    ``directory=None``: a temporary folder, created on first use and removed when the store is (by the
+    process that created it). A given directory is emptied of older versions on first use (a new run).
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"CandidateStore: keep must be >= 1 (versions kept on disk), got {keep}")
+        self.directory = None if directory is None else os.fspath(directory)
+        self.keep = keep
+        self.version = 0
+        self._ready = False
+        self._cache: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def current_version(self) -> int:
+        """The newest version (read by the epoch-tagging batch sampler for every batch)."""
+        return self.version
+
+    def ensure_directory(self) -> str:
+        """Create (or empty) the store's folder; call in the main process before DataLoader workers start."""
+        if self._ready:
+            return self.directory
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="hardneg-candidates-")
+            weakref.finalize(self, _remove_tree, self.directory, os.getpid())
+        else:
+            os.makedirs(self.directory, exist_ok=True)
+            for name in os.listdir(self.directory):
+                if (name.startswith("v") and name[1:].isdigit()) or name.startswith("tmp-"):  # versions of an earlier run
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._ready = True
+        return self.directory
+
+    def path(self, version: int) -> str:
+        return os.path.join(self.directory, f"v{version:06d}")
+
+    def write(self, rows: np.ndarray, scores: np.ndarray | None = None, pos_scores: np.ndarray | None = None) -> int:
+        """Store a new version (arrays already validated by ``QueryDocDataModule.set_candidates``); returns its number."""
+        self.ensure_directory()
+        version = self.version + 1
+        tmp = os.path.join(self.directory, f"tmp-{uuid.uuid4().hex}")
+        os.makedirs(tmp)
+        arrays = {"rows": rows, "scores": scores, "pos_scores": pos_scores}
+        for name, value in arrays.items():
+            if value is not None:
+                np.save(os.path.join(tmp, f"{name}.npy"), value)
+        os.replace(tmp, self.path(version))
+        self.version = version
+        for old in range(version - self.keep, 0, -1):
+            if not os.path.isdir(self.path(old)):
+                break
+            shutil.rmtree(self.path(old), ignore_errors=True)
+        return version
+
+    def load(self, version: int) -> dict[str, np.ndarray]:
+        """``{"rows", "scores"?, "pos_scores"?}`` of ``version`` (memory-mapped; the last one is cached)."""
+        if self._cache is not None and self._cache[0] == version:
+            return self._cache[1]
+        if self.directory is None:
+            raise RuntimeError(f"CandidateStore: asked for candidate version {version} but no version was ever written "
+                               f"(QueryDocDataModule.set_candidates was not called in this run)")
+        folder = self.path(version)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"CandidateStore: candidate version {version} is not in {self.directory} (kept: the last {self.keep}); "
+                                    f"a batch index named a version that was already removed or never written")
+        out = {}
+        for name in ("rows", "scores", "pos_scores"):
+            file = os.path.join(folder, f"{name}.npy")
+            if os.path.exists(file):
+                out[name] = np.load(file, mmap_mode="r")
+        self._cache = (version, out)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # workers open what they need
+        return state
+
+
+class QueryDocTrainDataset(Dataset):
+    """Train items of a query/document split with ``k`` hard negatives per query, drawn per epoch.
+
+    Indexed by ``(query_row, epoch)`` or ``(query_row, epoch, version)`` (a plain ``query_row`` means
+    epoch 0; no version means 0, the static candidates). The positive is drawn from the query's qrels
+    and the negatives by ``negative_sampler`` from its candidates of that version (deduplicated,
+    positives removed, best first; with their scores when the version has them), with a generator
+    seeded by ``(seed, epoch, query_row)``. Missing slots are padded as ``pad_negatives`` says
+    (module docstring).
 
     Args:
         queries: query texts by row. qrels: relevant corpus rows per query (>= 1 each).
         corpus: document texts by corpus row.
-        negatives: candidate corpus rows per query, best first (needed when ``num_negatives > 0``).
+        negatives: static candidate corpus rows per query, best first (needed when ``num_negatives > 0``
+            unless ``dynamic_candidates``).
         num_negatives: ``k``. pad_negatives: ``"in_batch"`` or ``"random"``. seed: the global seed.
+        negative_sampler: picks the ``k`` (``miners.negative_samplers``; default ``UniformSampler``).
+        store: the ``CandidateStore`` that versions ``>= 1`` are read from.
+        dynamic_candidates: the candidates will come from ``store`` (``set_candidates``), so no static
+            ones are needed; until the first version, queries without static candidates are padded.
 
     Attributes:
         labels: ``arange(num_queries)``: every query is its own class (for the batch-sampler factory).
@@ -143,27 +268,36 @@ class QueryDocTrainDataset(Dataset):
         num_negatives: int = 0,
         pad_negatives: str = "in_batch",
         seed: int = 0,
+        negative_sampler: NegativeSampler | None = None,
+        store: CandidateStore | None = None,
+        dynamic_candidates: bool = False,
     ) -> None:
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
         if pad_negatives not in PAD_NEGATIVES:
             raise ValueError(f"pad_negatives must be one of {PAD_NEGATIVES}, got {pad_negatives!r}")
-        if num_negatives > 0 and negatives is None:
+        if num_negatives > 0 and negatives is None and not dynamic_candidates:
             raise ValueError(
                 f"num_negatives={num_negatives} needs hard-negative candidates for every train query, but the data has none "
                 f"(QueryDocData.negatives is None): set num_negatives=0 to train on in-batch negatives only, or give the "
                 f"DataModule its candidates (e.g. WordNetGlossDataModule(siblings_as_negatives=True), an MS MARCO negatives "
-                f"file) or mine them with an encoder first"
+                f"file) or mine them with an encoder first, or refresh them during training (dynamic_candidates=True with "
+                f"experiments.callbacks.ANNRefresh(first='untrained'))"
             )
         if negatives is not None and len(negatives) != len(queries):
             raise ValueError(f"negatives has {len(negatives)} candidate lists for {len(queries)} train queries; expected one per query")
         self.queries, self.qrels, self.corpus, self.negatives = queries, qrels, corpus, negatives
         self.num_negatives, self.pad_negatives, self.seed = num_negatives, pad_negatives, seed
+        self.negative_sampler = negative_sampler if negative_sampler is not None else UniformSampler()
+        if not callable(self.negative_sampler):
+            raise TypeError(f"negative_sampler must be a miners.negative_samplers.NegativeSampler (callable), got {type(negative_sampler).__name__}")
+        self.store = store if store is not None else CandidateStore()
         self.labels = np.arange(len(queries), dtype=np.int64)
         self.num_docs = len(corpus)
         self.num_padded = 0
         if num_negatives > 0:
-            self.num_padded = sum(len(self.candidates(row, num_negatives)) < num_negatives for row in range(len(queries)))
+            if negatives is not None:
+                self.num_padded = sum(len(self.candidates(row, num_negatives)) < num_negatives for row in range(len(queries)))
             if pad_negatives == "random":
                 worst = max((len(set(q)) for q in qrels), default=0)
                 if len(corpus) - worst < num_negatives:
@@ -174,8 +308,10 @@ class QueryDocTrainDataset(Dataset):
         return len(self.queries)
 
     def candidates(self, row: int, limit: int | None = None) -> list[int]:
-        """The usable negatives of query ``row``: its candidates in order, deduplicated, without its
+        """The usable static negatives of query ``row``: its candidates in order, deduplicated, without its
         positives (the first ``limit`` of them when given)."""
+        if self.negatives is None:
+            return []
         seen = {int(p) for p in self.qrels[row]}
         out: list[int] = []
         for c in self.negatives[row]:
@@ -189,18 +325,45 @@ class QueryDocTrainDataset(Dataset):
                     break
         return out
 
-    def draw(self, row: int, epoch: int) -> tuple[int, list[int]]:
-        """``(positive, negatives)`` of query ``row`` at ``epoch``: corpus rows, -1 for a padded slot."""
+    def usable(self, row: int, version: int = 0) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+        """``(rows [C], scores [C] | None, pos_score | None)``: the usable candidates of query ``row`` in
+        ``version`` (0: the static ones), best first, deduplicated, without its positives."""
+        if version == 0:
+            return np.asarray(self.candidates(row), dtype=np.int64), None, None
+        stored = self.store.load(version)
+        rows = np.asarray(stored["rows"][row])
+        scores = np.asarray(stored["scores"][row]) if "scores" in stored else None
+        pos = float(stored["pos_scores"][row]) if "pos_scores" in stored else None
+        seen = {int(p) for p in self.qrels[row]}
+        keep = []
+        for i, c in enumerate(rows.tolist()):
+            if c >= 0 and c not in seen:
+                seen.add(c)
+                keep.append(i)
+        keep = np.asarray(keep, dtype=np.int64)
+        if scores is not None:
+            scores = scores[keep].astype(np.float32)
+            if len(scores) and np.isnan(scores).all():
+                scores = None  # a query this version did not refresh (set_candidates(query_rows=...)) over unscored candidates
+        if pos is not None and np.isnan(pos):
+            pos = None
+        return rows[keep], scores, pos
+
+    def draw(self, row: int, epoch: int, version: int = 0) -> tuple[int, list[int]]:
+        """``(positive, negatives)`` of query ``row`` at ``epoch`` from candidate ``version``: corpus rows, -1 for a padded slot."""
         rng = np.random.default_rng([self.seed, epoch, row])
         positives = self.qrels[row]
         doc = int(positives[int(rng.integers(len(positives)))])
         k = self.num_negatives
         if k == 0:
             return doc, []
-        cands = self.candidates(row)
-        if len(cands) >= k:
-            return doc, [cands[i] for i in np.sort(rng.choice(len(cands), size=k, replace=False))]
-        negs = list(cands)
+        rows, scores, pos_score = self.usable(row, version)
+        picks = self.negative_sampler(rows, scores, pos_score, k, rng)
+        if len(picks) > k or len(set(picks.tolist())) != len(picks):
+            raise ValueError(f"{self.negative_sampler!r} returned {len(picks)} positions {picks.tolist()} for k={k}; expected at most k distinct")
+        negs = [int(rows[i]) for i in picks]
+        if len(negs) == k:
+            return doc, negs
         if self.pad_negatives == "in_batch":
             return doc, negs + [-1] * (k - len(negs))
         taken = {int(p) for p in positives} | set(negs)
@@ -211,9 +374,12 @@ class QueryDocTrainDataset(Dataset):
                 negs.append(c)
         return doc, negs
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        row, epoch = (int(index[0]), int(index[1])) if isinstance(index, (tuple, list)) else (int(index), 0)
-        doc, negs = self.draw(row, epoch)
+    def __getitem__(self, index: int | tuple[int, int] | tuple[int, int, int]) -> dict[str, Any]:
+        if isinstance(index, (tuple, list)):
+            row, epoch, version = int(index[0]), int(index[1]), int(index[2]) if len(index) > 2 else 0
+        else:
+            row, epoch, version = int(index), 0, 0
+        doc, negs = self.draw(row, epoch, version)
         return {
             "query": self.queries[row],
             "doc": self.corpus[doc],
@@ -225,15 +391,19 @@ class QueryDocTrainDataset(Dataset):
         }
 
 
-class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Wrap a batch sampler so that every index carries the epoch: ``[i, ...]`` -> ``[(i, epoch), ...]``.
+class EpochBatchSampler(Sampler[list[tuple[int, ...]]]):
+    """Wrap a batch sampler so that every index carries the epoch: ``[i, ...]`` -> ``[(i, epoch), ...]``,
+    and, once ``version()`` (the candidate store's) is above 0, the version: ``[(i, epoch, version), ...]``.
 
-    The train dataset draws its per-epoch negatives from the epoch in the index, so no state has to
-    reach the DataLoader workers. ``set_epoch`` is forwarded to the wrapped sampler.
+    The train dataset draws its per-epoch negatives from the epoch in the index, and reads the
+    candidates of the version in the index, so no state has to reach the DataLoader workers.
+    ``version()`` is called in the main process for every batch, as the DataLoader asks for it (module
+    docstring). ``set_epoch`` is forwarded to the wrapped sampler.
     """
 
-    def __init__(self, batch_sampler: Sampler[list[int]]) -> None:
+    def __init__(self, batch_sampler: Sampler[list[int]], version: Callable[[], int] | None = None) -> None:
         self.batch_sampler = batch_sampler
+        self.version = version
         self.epoch = 0
         # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``, not on the batch sampler itself.
         self.sampler = self
@@ -247,18 +417,28 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         for batch in self.batch_sampler:
-            yield [(int(i), self.epoch) for i in batch]
+            version = 0 if self.version is None else int(self.version())
+            if version == 0:  # the static candidates: the plain (row, epoch) index
+                yield [(int(i), self.epoch) for i in batch]
+            else:
+                yield [(int(i), self.epoch, version) for i in batch]
 
 
 class QueryDocDataModule(RetrievalDataModule):
     """Base of the query/document text benchmarks: a subclass implements ``load_query_doc()``.
 
     Args:
-        num_negatives: ``k`` static hard negatives per train query per epoch (0: in-batch negatives only).
+        num_negatives: ``k`` hard negatives per train query per epoch (0: in-batch negatives only).
         pad_negatives: how a query with fewer than ``k`` candidates is padded: ``"in_batch"`` (slot -1,
             ignored by the loss) or ``"random"`` (random non-relevant corpus rows).
+        negative_sampler: which ``k`` of the candidates (``miners.negative_samplers``; default
+            ``UniformSampler``, a uniform draw without replacement).
+        dynamic_candidates: the candidates come from ``set_candidates`` during training (``ANNRefresh``),
+            so ``num_negatives > 0`` needs no static ones.
+        candidate_dir: where the replaced candidate versions are written (a ``rank{r}`` folder per rank;
+            e.g. inside the run folder); default: a temporary folder per process, removed at exit.
         batch_size: train queries per rank per step (the default ``RandomBatchSampler``).
         num_batches: train batches per epoch per rank; default: one pass over the train queries.
         query_prefix, doc_prefix: override ``data_config["query_prefix"]``/``["doc_prefix"]`` (E5:
@@ -283,6 +463,9 @@ class QueryDocDataModule(RetrievalDataModule):
         num_batches: int | None = None,
         query_prefix: str | None = None,
         doc_prefix: str | None = None,
+        negative_sampler: NegativeSampler | None = None,
+        dynamic_candidates: bool = False,
+        candidate_dir: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -300,6 +483,9 @@ class QueryDocDataModule(RetrievalDataModule):
         self.num_negatives, self.pad_negatives = num_negatives, pad_negatives
         self.batch_size, self.num_batches = batch_size, num_batches
         self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
+        self.negative_sampler = negative_sampler if negative_sampler is not None else UniformSampler()
+        self.dynamic_candidates, self.candidate_dir = dynamic_candidates, candidate_dir
+        self.candidate_store = CandidateStore()
         self.data: QueryDocData | None = None
         self.corpus_dataset: TextsDataset | None = None
         self.stats: dict[str, dict[str, Any]] = {}
@@ -312,9 +498,102 @@ class QueryDocDataModule(RetrievalDataModule):
         raise NotImplementedError(f"{type(self).__name__} must implement load_query_doc() -> QueryDocData")
 
     def make_train_dataset(self, data: QueryDocData) -> Dataset:
-        """The train dataset (default: static negatives from ``data.negatives``); indexed by ``(query_row, epoch)``."""
+        """The train dataset (default: negatives sampled by ``negative_sampler`` from ``data.negatives`` or from
+        the candidate store); indexed by ``(query_row, epoch[, version])``."""
         return QueryDocTrainDataset(data.train.queries, data.train.qrels, data.corpus, data.negatives,
-                                    self.num_negatives, self.pad_negatives, self.seed)
+                                    self.num_negatives, self.pad_negatives, self.seed, self.negative_sampler, self.candidate_store,
+                                    self.dynamic_candidates)
+
+    # ------------------------------------------------------------------------ replaceable candidates
+    def set_candidates(
+        self,
+        rows: np.ndarray | Any,
+        scores: np.ndarray | Any | None = None,
+        pos_scores: np.ndarray | Any | None = None,
+        query_rows: np.ndarray | Any | None = None,
+    ) -> int:
+        """Replace the train queries' hard-negative candidates from the next batch the sampler yields on.
+
+        Args:
+            rows: ``[Q, C]`` corpus rows per train query, best first, ``-1`` for an empty slot (the
+                query's positives may be among them: they are dropped when sampling).
+            scores: ``[Q, C]`` their scores under the current model (``SimANSSampler`` and
+                ``PositiveAwareFilter`` need them).
+            pos_scores: ``[Q]`` each query's positive score ``s(q, d+)`` (its lowest, with several).
+            query_rows: ``[Q']``: ``rows`` etc. hold only these train queries (``Q = Q'``); the others
+                keep their current candidates (scores NaN when those had none).
+
+        Every rank must call it with the same arrays (``ANNRefresh`` does); each writes its own folder.
+        Returns the new version number.
+        """
+        self.prepare_splits()
+        if not isinstance(self.train_dataset, QueryDocTrainDataset):
+            raise TypeError(f"{type(self).__name__}.set_candidates: the train dataset is a {type(self.train_dataset).__name__}, whose "
+                            f"negatives cannot be replaced; it needs a QueryDocTrainDataset (e.g. MS MARCO with a negatives file, not 'triples')")
+        n_queries, n_docs = len(self.train_dataset), len(self.data.corpus)
+        rows = _as_array(rows, np.int64, "rows")
+        if rows.ndim != 2:
+            raise ValueError(f"{type(self).__name__}.set_candidates: rows must be [Q, C] corpus rows per train query, got shape {rows.shape}")
+        if query_rows is not None:
+            query_rows = _as_array(query_rows, np.int64, "query_rows")
+            if query_rows.shape != (len(rows),) or (len(query_rows) and (query_rows.min() < 0 or query_rows.max() >= n_queries)):
+                raise ValueError(f"{type(self).__name__}.set_candidates: query_rows must be [{len(rows)}] train query rows in "
+                                 f"[0, {n_queries}), got shape {query_rows.shape}")
+        expected = n_queries if query_rows is None else len(query_rows)
+        if len(rows) != expected:
+            raise ValueError(f"{type(self).__name__}.set_candidates: rows has {len(rows)} lists for {expected} train queries"
+                             f"{'' if query_rows is None else ' (query_rows)'}; expected one per query")
+        bad = (rows < -1) | (rows >= n_docs)
+        if bad.any():
+            q, c = (int(x[0]) for x in np.nonzero(bad))
+            raise ValueError(f"{type(self).__name__}.set_candidates: rows[{q}, {c}] = {int(rows[q, c])} is outside the corpus of {n_docs} "
+                             f"documents (rows 0..{n_docs - 1}, -1 for an empty slot)")
+        if scores is not None:
+            scores = _as_array(scores, np.float32, "scores")
+            if scores.shape != rows.shape:
+                raise ValueError(f"{type(self).__name__}.set_candidates: scores has shape {scores.shape}; expected {rows.shape} like rows")
+        if pos_scores is not None:
+            pos_scores = _as_array(pos_scores, np.float32, "pos_scores")
+            if pos_scores.shape != (len(rows),):
+                raise ValueError(f"{type(self).__name__}.set_candidates: pos_scores has shape {pos_scores.shape}; expected ({len(rows)},)")
+        if query_rows is not None:
+            rows, scores, pos_scores = self._merged_candidates(query_rows, rows, scores, pos_scores)
+        if self.candidate_store.directory is None and self.candidate_dir is not None:
+            self.candidate_store.directory = os.path.join(self.candidate_dir, f"rank{self._rank_world()[0]}")
+        return self.candidate_store.write(rows, scores, pos_scores)
+
+    def _merged_candidates(self, query_rows, rows, scores, pos_scores):
+        """The full ``[Q, C']`` arrays: the current candidates with ``query_rows`` replaced (NaN: no score)."""
+        dataset, store = self.train_dataset, self.candidate_store
+        n_queries = len(dataset)
+        if store.version > 0:
+            current = store.load(store.version)
+            old_rows = np.asarray(current["rows"])
+            old_scores = np.asarray(current["scores"]) if "scores" in current else None
+            old_pos = np.asarray(current["pos_scores"]) if "pos_scores" in current else None
+        else:
+            lists = [dataset.candidates(r) for r in range(n_queries)] if dataset.negatives is not None else [[] for _ in range(n_queries)]
+            old_rows = np.full((n_queries, max((len(x) for x in lists), default=0)), -1, dtype=np.int64)
+            for r, x in enumerate(lists):
+                old_rows[r, : len(x)] = x
+            old_scores = old_pos = None
+        width = max(old_rows.shape[1], rows.shape[1])
+        new_rows = np.full((n_queries, width), -1, dtype=np.int64)
+        new_rows[:, : old_rows.shape[1]] = old_rows
+        new_rows[query_rows] = -1
+        new_rows[query_rows, : rows.shape[1]] = rows
+        new_scores = new_pos = None
+        if scores is not None or old_scores is not None:
+            new_scores = np.full((n_queries, width), np.nan, dtype=np.float32)
+            if old_scores is not None:
+                new_scores[:, : old_scores.shape[1]] = old_scores
+            new_scores[query_rows] = np.nan
+            if scores is not None:
+                new_scores[query_rows, : scores.shape[1]] = scores
+        if pos_scores is not None or old_pos is not None:
+            new_pos = np.full(n_queries, np.nan, dtype=np.float32) if old_pos is None else old_pos.astype(np.float32).copy()
+            new_pos[query_rows] = np.nan if pos_scores is None else pos_scores
+        return new_rows, new_scores, new_pos
 
     # ------------------------------------------------------------------------------------ splits
     def build_datasets(self) -> None:
@@ -446,7 +725,7 @@ class QueryDocDataModule(RetrievalDataModule):
         if self.inputs is None:
             return TextInputs(text_fields=TRAIN_TEXT_FIELDS, roles=TRAIN_ROLES)
         if isinstance(self.inputs, TextInputs) and self.inputs.text_fields == {"text": ""}:
-            return TextInputs(self.inputs.max_length, text_fields=TRAIN_TEXT_FIELDS, roles=TRAIN_ROLES)
+            return TextInputs(self.inputs.max_length, text_fields=TRAIN_TEXT_FIELDS, roles=TRAIN_ROLES, keep_text=self.inputs.keep_text)
         return self.inputs
 
     def resolved_data_config(self) -> dict[str, Any]:
@@ -474,7 +753,13 @@ class QueryDocDataModule(RetrievalDataModule):
         return self.batch_sampler(labels, rank=rank, world_size=world, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_sampler=EpochBatchSampler(self.train_sampler()), collate_fn=self.collate_fn,
+        version = None
+        if isinstance(self.train_dataset, QueryDocTrainDataset):
+            if self.candidate_store.directory is None and self.candidate_dir is not None:
+                self.candidate_store.directory = os.path.join(self.candidate_dir, f"rank{self._rank_world()[0]}")
+            self.candidate_store.ensure_directory()  # before any worker copies the dataset
+            version = self.candidate_store.current_version
+        return DataLoader(self.train_dataset, batch_sampler=EpochBatchSampler(self.train_sampler(), version), collate_fn=self.collate_fn,
                           **self._loader_kwargs())
 
     def _indexed_loader(self, dataset: Dataset, collate_fn: Any) -> DataLoader:
@@ -494,3 +779,13 @@ class QueryDocDataModule(RetrievalDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.eval_loaders(self.test_dataset, "test")
+
+
+def _as_array(value: Any, dtype: type, name: str) -> np.ndarray:
+    """A tensor or array-like as a C-contiguous numpy array of ``dtype``."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.ascontiguousarray(np.asarray(value), dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"set_candidates: {name} must be an array or tensor convertible to {np.dtype(dtype).name}, got {type(value).__name__}") from err

@@ -4,7 +4,7 @@ Submodules are imported where they are used (``from lightning_modules.metrics im
 RetrievalMetrics``) so that importing this package stays cheap.
 """
 
-__all__ = ["EmbeddingStep", "EmbeddingModule", "MetricLearningModule", "MoCoModule", "DualEncoderModule", "CLIPModule"]
+__all__ = ["EmbeddingStep", "EmbeddingModule", "MetricLearningModule", "MoCoModule", "DualEncoderModule", "ADOREModule", "CLIPModule"]
 
 
 def __getattr__(name: str):
@@ -25,6 +25,10 @@ def __getattr__(name: str):
         from lightning_modules.dual_encoder_module import DualEncoderModule
 
         return DualEncoderModule
+    if name == "ADOREModule":
+        from lightning_modules.adore_module import ADOREModule
+
+        return ADOREModule
     if name == "CLIPModule":
         from lightning_modules.clip_module import CLIPModule
 

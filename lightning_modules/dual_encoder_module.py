@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from contracts.distances import BaseDistance
+from contracts.gather import all_gather_no_grad, dist_ready
 from lightning_modules.embedding_module import EmbeddingModule, OptimizerFactory, SchedulerFactory, default_optimizer
 from lightning_modules.step import EmbeddingStep
 
@@ -59,6 +60,25 @@ class DualEncoderModule(EmbeddingModule):
             (a mean over rows); "global" for any loss.
         eval_ks: Recall@K cut-offs of validation and test (``RankingMetrics``; MRR@10 and nDCG@10 always).
         eval_distance: "cosine" or "dot" for the evaluation search.
+        guide: a ``miners.GuidedFilter`` (GISTEmbed, Solatorio 2024): the guide model's false
+            negatives among ``[every rank's positives; every rank's hard negatives]`` are ignored
+            pairs of the step (any loss, any gather mode); the fraction of candidate pairs it masks is
+            logged as ``train/guide_masked``. Memory entries are not guided (no texts).
+        teacher: a ``models.scorers`` scorer of each query's ``[positive, hard negatives]``
+            (``CrossEncoderScorer``, ``BiEncoderScorer``, ``FileScorer``); needs ``distillation_loss``.
+        distillation_loss: a ``losses.distillation`` loss (``KLDistillationLoss``, ``MarginMSELoss``)
+            between the student's scores of those candidates (from the step's embeddings, this
+            rank's rows, by the loss's ``similarity``) and the teacher's; ``distillation_weight`` times it
+            is added to the step's loss and logged as ``train/distill_loss``. Empty slots (id -1)
+            and pairs without a teacher score (NaN) are left out. Needs hard negatives
+            (``num_negatives > 0``).
+
+    Raw texts: a guide, and a teacher with ``inputs == "text"``, read the batch's raw strings
+    (``query_text``, ``doc_text``, ``neg_text``), which ``datamodules.inputs.TextInputs`` adds with
+    ``keep_text``. The module says so with ``needs_text``; at ``setup("fit")`` it turns ``keep_text``
+    on in the DataModule's train collate (a ``TokenizeCollate``), so a config needs nothing more
+    (``data.init_args.data_config: {keep_text: true}`` does the same by hand). A batch without the
+    texts raises an error naming that setting.
 
     Validation and test: the DataModule's ``eval_protocol = "query_doc"`` loaders ``[queries, corpus]``;
     the queries are embedded by the query tower, the corpus by the document tower, and
@@ -85,9 +105,28 @@ class DualEncoderModule(EmbeddingModule):
         grad_cache_chunk_size: int | None = None,
         eval_ks: tuple[int, ...] = (10, 100, 1000),
         eval_distance: str = "cosine",
+        guide: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        distillation_loss: nn.Module | None = None,
+        distillation_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["query_encoder", "doc_encoder", "loss", "miner", "mixer", "optimizer", "scheduler", "distance"])
+        self.save_hyperparameters(
+            ignore=["query_encoder", "doc_encoder", "loss", "miner", "mixer", "optimizer", "scheduler", "distance", "guide", "teacher", "distillation_loss"]
+        )
+        if (teacher is None) != (distillation_loss is None):
+            raise ValueError(
+                "DualEncoderModule: teacher and distillation_loss go together (a teacher's scores and the loss that distils them); "
+                f"got teacher={type(teacher).__name__ if teacher is not None else None}, "
+                f"distillation_loss={type(distillation_loss).__name__ if distillation_loss is not None else None}"
+            )
+        if teacher is not None and not hasattr(teacher, "score"):
+            raise TypeError(f"DualEncoderModule: teacher {type(teacher).__name__} has no score(queries, candidates); expected a models.scorers scorer")
+        if guide is not None and not hasattr(guide, "encode"):
+            raise TypeError(f"DualEncoderModule: guide {type(guide).__name__} has no encode(texts); expected a miners.GuidedFilter")
+        self.guide, self.teacher, self.distillation_loss = guide, teacher, distillation_loss
+        self.distillation_weight = float(distillation_weight)
+        self._extras: dict[str, Any] = {}
         two_view = bool(getattr(loss, "two_view", False))
         if temperature <= 0:
             raise ValueError(f"DualEncoderModule: temperature must be > 0, got {temperature}")
@@ -115,6 +154,12 @@ class DualEncoderModule(EmbeddingModule):
 
     def make_step(self, loss: nn.Module, miner: nn.Module | None, mixer: nn.Module | None, gather: str) -> EmbeddingStep:
         return EmbeddingStep(loss, miner=miner, memory=self._memory, mixer=mixer, gather=gather)
+
+    @property
+    def needs_text(self) -> bool:
+        """The guide or the teacher reads the batch's raw texts (``TextInputs(keep_text=True)``)."""
+        teacher_text = self.teacher is not None and getattr(self.teacher, "inputs", "text") == "text"
+        return self.guide is not None or teacher_text
 
     @property
     def encoder(self) -> nn.Module:
@@ -149,10 +194,99 @@ class DualEncoderModule(EmbeddingModule):
                 self.logit_scale.clamp_(0, self.hparams.max_logit_scale)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        outputs = super().training_step(batch, batch_idx)
+        # the guide's and the teacher's views of the batch: computed once, before the encoders (and
+        # outside gradient caching, whose objective may run the step more than once)
+        self._extras = self.batch_extras(batch)
+        try:
+            outputs = super().training_step(batch, batch_idx)
+        finally:
+            self._extras = {}
+        n = len(batch["query_idx"])
         if isinstance(self.logit_scale, nn.Parameter):
-            self.log("train/temperature", 1.0 / self.logit_scale.detach().exp(), batch_size=len(batch["query_idx"]))
+            self.log("train/temperature", 1.0 / self.logit_scale.detach().exp(), batch_size=n)
+        if outputs.get("guide_masked") is not None:
+            self.log("train/guide_masked", outputs["guide_masked"], batch_size=n)
+        if outputs.get("distill_loss") is not None:
+            self.log("train/distill_loss", outputs["distill_loss"], batch_size=n)
         return outputs
+
+    # ------------------------------------------------------------------- guide and teacher
+    def batch_texts(self, batch: dict[str, Any], key: str) -> list[str]:
+        if key not in batch:
+            raise KeyError(
+                f"DualEncoderModule: the batch has no {key!r} (raw texts), which the guide/teacher reads; the DataModule's "
+                f"TextInputs must keep them: TextInputs(keep_text=True) or data.init_args.data_config: {{keep_text: true}}"
+            )
+        return list(batch[key])
+
+    def batch_extras(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """What the guide and the teacher make of this batch, without gradient: the guide's embeddings
+        (gathered across ranks as the step gathers the student's) and the teacher's scores ``[B, 1 + k]``."""
+        extras: dict[str, Any] = {}
+        device = batch["query_idx"].device
+        has_negs = "neg_input_ids" in batch and batch["neg_idx"].numel() > 0
+        if self.guide is not None:
+            q = self.guide.encode(self.batch_texts(batch, "query_text")).to(device)
+            cands = [self.guide.encode(self.batch_texts(batch, "doc_text")).to(device)]
+            if has_negs:
+                cands.append(self.guide.encode(self.batch_texts(batch, "neg_text")).to(device))
+            if self.step.gather != "none" and dist_ready():
+                q, cands = all_gather_no_grad(q), [all_gather_no_grad(c) for c in cands]
+            extras["guide"] = (q, torch.cat(cands))
+        if self.teacher is not None:
+            if not has_negs:
+                raise ValueError(
+                    "DualEncoderModule: distillation scores each query's [positive, hard negatives]; the batch has no hard "
+                    "negatives: set the DataModule's num_negatives > 0"
+                )
+            k = batch["neg_idx"].shape[1]
+            ids = torch.cat([batch["doc_idx"].view(-1, 1), batch["neg_idx"]], 1)
+            if getattr(self.teacher, "inputs", "text") == "ids":
+                scores = self.teacher.score(batch["query_idx"].cpu(), ids.cpu())
+            else:
+                docs, negs = self.batch_texts(batch, "doc_text"), self.batch_texts(batch, "neg_text")
+                scores = self.teacher.score(self.batch_texts(batch, "query_text"), [[d, *negs[i * k:(i + 1) * k]] for i, d in enumerate(docs)])
+            if tuple(scores.shape) != tuple(ids.shape):
+                raise ValueError(f"DualEncoderModule: the teacher's scores have shape {tuple(scores.shape)}; expected {tuple(ids.shape)} ([B, 1 + k])")
+            extras["teacher"] = (scores.to(device).float(), ids >= 0)
+        return extras
+
+    def guide_ignore(self, q_rows: slice | None, pos: Tensor, ign: Tensor) -> Tensor:
+        """The step's ``extra_ignore`` hook: the guide's false negatives among the scored queries'
+        candidates ``[positives; negatives]`` (``[Q, R + N]``); the fraction of candidate pairs
+        masked is kept for logging."""
+        q, cands = self._extras["guide"]
+        rows = torch.arange(len(q), device=q.device)  # gathered queries and their paired positives share a row
+        if q_rows is not None:
+            q, rows = q[q_rows], rows[q_rows]
+        if tuple(pos.shape) != (len(q), len(cands)):
+            raise RuntimeError(
+                f"DualEncoderModule guide: the step scores {tuple(pos.shape)} pairs but the guide has {len(q)} queries x {len(cands)} "
+                f"candidates; the guide's texts and the encoders' inputs disagree"
+            )
+        mask = self.guide(q, cands, rows, positives=pos) & ~ign
+        candidates = (~pos & ~ign).sum().clamp(min=1)
+        self._guide_fraction = mask.sum().float() / candidates
+        return mask
+
+    def run_step(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The shared step, with the guide's ignored pairs (``extra_ignore``) and the distillation term."""
+        guided = "guide" in self._extras
+        out = self.step(**inputs, extra_ignore=self.guide_ignore if guided else None)
+        out["guide_masked"] = self._guide_fraction if guided else None
+        out["distill_loss"] = None
+        if "teacher" in self._extras:
+            teacher, valid = self._extras["teacher"]
+            with torch.autocast(device_type=inputs["emb"].device.type, enabled=False):
+                from losses.distillation import candidate_scores
+
+                student = candidate_scores(
+                    inputs["emb"].float(), inputs["ref_emb"].float(), inputs["neg_emb"].float(), similarity=self.distillation_loss.similarity
+                )
+                distill = self.distillation_loss(student, teacher, valid)
+            out["loss"] = out["loss"] + self.distillation_weight * distill
+            out["distill_loss"] = distill.detach()
+        return out
 
     # ------------------------------------------------------------------------------- evaluate
     def make_metrics(self) -> nn.Module:
@@ -163,11 +297,25 @@ class DualEncoderModule(EmbeddingModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and datamodule is not None:
+            self.prepare_components(datamodule)
         if datamodule is not None and getattr(datamodule, "eval_protocol", None) != "query_doc":
             raise ValueError(
                 f"DualEncoderModule evaluates query -> document retrieval; {type(datamodule).__name__} has eval_protocol="
                 f"{getattr(datamodule, 'eval_protocol', None)!r}, expected 'query_doc' (a datamodules.QueryDocDataModule)"
             )
+
+    def prepare_components(self, datamodule: Any) -> None:
+        """Ask the DataModule (set up before the module) for raw texts when the guide/teacher needs
+        them, and hand an id-based teacher the train split's query ids and the corpus's document ids."""
+        from datamodules.inputs import TokenizeCollate
+
+        collate = getattr(datamodule, "collate_fn", None)
+        if self.needs_text and isinstance(collate, TokenizeCollate):
+            collate.keep_text = True
+        if self.teacher is not None and hasattr(self.teacher, "bind_ids") and getattr(datamodule, "data", None) is not None:
+            data = datamodule.data
+            self.teacher.bind_ids(getattr(data.train, "query_ids", None), getattr(data, "doc_ids", None))
 
     def prepare_metrics(self, metrics: nn.Module, stage: str) -> None:
         metrics.set_qrels(self.trainer.datamodule.qrels(stage))

@@ -62,6 +62,7 @@ The returned dict is what ``training_step`` returns and what callbacks read in
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -137,6 +138,7 @@ class EmbeddingStep(nn.Module):
         ref_ids: Tensor | None = None,
         neg_ids: Tensor | None = None,
         loss_kwargs: dict[str, Any] | None = None,
+        extra_ignore: Callable[[slice | None, Tensor, Tensor], Tensor] | None = None,
         encoder: nn.Module | None = None,
         mix_state: Any = None,
     ) -> dict[str, Any]:
@@ -148,10 +150,14 @@ class EmbeddingStep(nn.Module):
         document ids, ``-1`` padded) with ``ref_ids [B_ref]`` and ``neg_ids [B_neg]`` (``-1``: an
         empty slot, ignored), which decide relevance across ranks and against the memory too.
         ``loss_kwargs`` go to the loss (a two-view loss's ``logit_scale``/``logit_bias``);
+        ``extra_ignore(q_rows, pos, ignore) -> [Q, R]`` bool adds pairs to ignore once the step knows
+        which rows it scores (``q_rows``: this rank's slice of the gathered queries, None for all of
+        them): a guide model's false negatives (``miners.GuidedFilter``);
         ``encoder`` and ``mix_state`` to a Metrix-like mixer. Returns the outputs dict."""
         with torch.autocast(device_type=emb.device.type, enabled=False):
             return self._step(
-                emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids, loss_kwargs or {}, encoder, mix_state
+                emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids, loss_kwargs or {}, extra_ignore, encoder,
+                mix_state,
             )
 
     @property
@@ -159,7 +165,7 @@ class EmbeddingStep(nn.Module):
         """The loss is a two-view loss (``losses.CLIPLoss``...): the step calls its ``directional``."""
         return bool(getattr(self.loss, "two_view", False))
 
-    def _step(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids, loss_kwargs, encoder, mix_state):
+    def _step(self, emb, ref_emb, labels, ref_labels, pos_mask, ignore_mask, neg_emb, pos_ids, ref_ids, neg_ids, loss_kwargs, extra_ignore, encoder, mix_state):
         # float32 distances, logits and losses whatever the encoders' autocast dtype (float64 stays)
         emb = emb.to(work_dtype(emb.dtype))
         ref_emb = None if ref_emb is None else ref_emb.to(work_dtype(ref_emb.dtype))
@@ -170,12 +176,13 @@ class EmbeddingStep(nn.Module):
         local_emb, local_labels = emb, labels
         simple = (
             ref_emb is None and pos_mask is None and ignore_mask is None and self.memory is None and self.gather != "local" and not self.two_view
+            and extra_ignore is None
         )
         if simple:
             out = self._labels_step(emb, labels)
         else:
             rel = _Relevance(labels, ref_labels, pos_mask, ignore_mask, pos_ids, ref_ids, neg_ids)
-            out = self._masks_step(emb, ref_emb, neg_emb, rel, loss_kwargs)
+            out = self._masks_step(emb, ref_emb, neg_emb, rel, loss_kwargs, extra_ignore)
         loss = out["loss"]
         out["mix_loss"] = None
         if self.mixer is not None and not hasattr(self.mixer, "mix_spec"):
@@ -202,7 +209,7 @@ class EmbeddingStep(nn.Module):
         loss = self.loss(emb, labels, mined)
         return self._outputs(loss, emb, labels, None, None, None, None, mined)
 
-    def _masks_step(self, emb, ref_emb, neg_emb, rel: "_Relevance", loss_kwargs) -> dict[str, Any]:
+    def _masks_step(self, emb, ref_emb, neg_emb, rel: "_Relevance", loss_kwargs, extra_ignore=None) -> dict[str, Any]:
         """Queries against ``[memory; references; negatives]`` with relevance as masks."""
         device = emb.device
         same = ref_emb is None
@@ -221,6 +228,11 @@ class EmbeddingStep(nn.Module):
         q_rows = None if mode == "global" else slice(sum(q_sizes[:rank]), sum(q_sizes[: rank + 1])) if mode == "local" else slice(0, len(emb))
         r_own = slice(sum(r_sizes[:rank]), sum(r_sizes[: rank + 1])) if mode != "none" else slice(0, len(refs))
         pos, ign = rel.forward_masks(self, q_sizes, r_sizes, n_sizes, q_rows, r_own, same, device)
+        if extra_ignore is not None:
+            extra = extra_ignore(q_rows, pos, ign)
+            if tuple(extra.shape) != tuple(pos.shape):
+                raise ValueError(f"EmbeddingStep: extra_ignore gave {tuple(extra.shape)}; expected {tuple(pos.shape)} (scored queries x [references; negatives])")
+            ign = ign | extra.to(ign.device).bool()
         if not self.in_batch_negatives:
             ign = ign | ~pos
         q_labels = rel.gathered_labels(self, "q", q_rows) if rel.labels is not None else None

@@ -23,6 +23,7 @@ from losses.metrix import Metrix
 from losses.grad_cache import GradCache
 from losses.clip_loss import CLIPLoss, SigLIPLoss
 from losses.negclip_loss import NegCLIPLoss, TripletCLIPLoss
+from losses.distillation import KLDistillationLoss, MarginMSELoss, candidate_scores
 
 __all__ = [
     "BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance", "BaseLoss", "TripletMarginLoss",
@@ -30,4 +31,7 @@ __all__ = [
     "DebiasedContrastiveLoss", "MarginLoss", "BaseReducer", "MeanReducer", "SumReducer", "AvgNonZeroReducer",
     "ThresholdReducer", "PerAnchorReducer", "DoNothingReducer", "MultipleReducers", "DistanceMismatchWarning",
     "check_distances", "share_distance", "Metrix", "GradCache", "CLIPLoss", "SigLIPLoss", "NegCLIPLoss", "TripletCLIPLoss",
+    "KLDistillationLoss",
+    "MarginMSELoss",
+    "candidate_scores",
 ]

@@ -6,8 +6,8 @@ import torch
 
 from contracts.inputs import Inputs
 from contracts.mined import Mined
-from miners.base_miner import BaseMiner
 from contracts.relevance import has_pos_and_neg, outside_masks
+from miners.base_miner import BaseMiner
 from miners.masked_reductions import closest_largest, extreme_outside
 
 

@@ -7,8 +7,8 @@ from typing import Optional
 from contracts.distances import BaseDistance, CosineSimilarity
 from contracts.inputs import Inputs
 from contracts.mined import Mined
-from miners.base_miner import BaseMiner
 from contracts.relevance import outside_masks
+from miners.base_miner import BaseMiner
 from miners.masked_reductions import push_outside
 
 

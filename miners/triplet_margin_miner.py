@@ -9,8 +9,8 @@ import torch
 from contracts.distances import BaseDistance
 from contracts.inputs import Inputs
 from contracts.mined import Mined
-from miners.base_miner import BaseMiner
 from contracts.relevance import outside_masks
+from miners.base_miner import BaseMiner
 from miners.masked_reductions import push_outside
 
 TYPES = ("all", "hard", "semihard", "easy")

@@ -31,6 +31,7 @@ from models.lite0_weights import (
 )
 from models.hf_text_encoder import HFTextEncoder
 from models.open_clip_encoder import OpenCLIPEncoder
+from models.scorers import BiEncoderScorer, CrossEncoderScorer, FileScorer
 from models import timm_presets  # noqa: F401  registers lite0-128, resnet50-512, vit-s16-384
 from models import text_presets  # noqa: F401  registers minilm-l6, minilm-l6-hub, bert-base, e5-base
 from models import clip_presets  # noqa: F401  registers lite0-minilm-clip, vit-b-32-openai, vit-b-32-laion2b
@@ -46,6 +47,9 @@ __all__ = [
     "TimmEncoder",
     "HFTextEncoder",
     "OpenCLIPEncoder",
+    "BiEncoderScorer",
+    "CrossEncoderScorer",
+    "FileScorer",
     "MomentumEncoder",
     "LITE0_MEAN",
     "LITE0_STD",

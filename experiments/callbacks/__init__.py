@@ -6,10 +6,12 @@ baseline jobs. Rank-0 writers put their files in ``rank_log_dir(trainer)``. ``Re
 with the loggers it drives (``experiments.run_logs``).
 """
 
+from experiments.callbacks.ann_refresh import ANNRefresh
 from experiments.callbacks.atomic_model_checkpoint import AtomicModelCheckpoint
 from experiments.callbacks.divergence_monitor import DivergenceError, DivergenceMonitor, EmbeddingCollapseWarning
 from experiments.callbacks.hardness_monitor import HardnessMonitor
 from experiments.callbacks.head_warmup import HeadWarmup
+from experiments.callbacks.ngame import NGAMEMemoryBank
 from experiments.callbacks.progress_file import ProgressFile
 from experiments.callbacks.rank_log_dir import rank_log_dir
 from experiments.callbacks.retrieval_report import RetrievalReport
@@ -19,4 +21,5 @@ from experiments.callbacks.untrained_baseline import UntrainedBaseline
 __all__ = [
     "rank_log_dir", "AtomicModelCheckpoint", "RetrievalReport", "HardnessMonitor", "DivergenceMonitor",
     "DivergenceError", "EmbeddingCollapseWarning", "HeadWarmup", "SetEpoch", "ProgressFile", "UntrainedBaseline",
+    "ANNRefresh", "NGAMEMemoryBank",
 ]

@@ -34,6 +34,8 @@ class UntrainedBaseline(L.Callback):
         datamodule = trainer.datamodule
         if not hasattr(pl_module, "evaluate") or datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return None
+        if trainer.limit_val_batches == 0:  # the run never validates (a grid scored on its test split only)
+            return None
         datamodule.setup("validate")
         loader = datamodule.val_dataloader()
         if isinstance(loader, (list, tuple)):  # [queries, corpus] / [images, captions]: a cut corpus would change the task

@@ -11,12 +11,24 @@ import yaml
 from contracts.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from lightning_modules import MetricLearningModule
 from losses import (
-    CircleLoss, ContrastiveLoss, DistanceMismatchWarning, Metrix, MultiSimilarityLoss, NTXentLoss, TripletMarginLoss,
+    CircleLoss,
+    ContrastiveLoss,
+    DistanceMismatchWarning,
+    Metrix,
+    MultiSimilarityLoss,
+    NTXentLoss,
+    TripletMarginLoss,
 )
 from losses.shared_distance import same_order
 from miners import (
-    BatchEasyHardMiner, BatchHardMiner, CrossBatchMemory, DistanceWeightedMiner, HardNegativeTopKMiner,
-    MultiSimilarityMiner, PairMarginMiner, TripletMarginMiner,
+    BatchEasyHardMiner,
+    BatchHardMiner,
+    CrossBatchMemory,
+    DistanceWeightedMiner,
+    HardNegativeTopKMiner,
+    MultiSimilarityMiner,
+    PairMarginMiner,
+    TripletMarginMiner,
 )
 from tests.helpers import TinyEncoder
 
