@@ -20,6 +20,7 @@ A grid file::
       - {miner: ms, loss: triplet_margin}
     overrides: [trainer.enable_progress_bar=false]       # optional; applied after the axes
     baseline: true                     # optional; default true (see below)
+    baseline_seeds: [0]                # optional; default: every seed
 
 An entry is a config fragment (a path ending in ``.yaml``/``.yml``, composed with ``--config``
 exactly as ``hardneg fit --config`` does; relative paths are looked up in the current folder, then
@@ -36,6 +37,8 @@ baseline of seed ``s`` is exactly the model the cells of seed ``s`` start from, 
 untrained compares like with like; it costs one test evaluation per seed instead of one per cell.
 ``baseline: false`` runs none; ``baseline: [encoder, dataset]`` runs one per seed and per label of
 those axes: list the axes whose entries change the untrained model or the test data.
+``baseline_seeds`` limits the baseline jobs to these seeds: for an untrained model no seed changes
+(a packaged encoder without a random head, a fixed split) one evaluation is the whole baseline.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import yaml
 from experiments.grid.cell import Cell
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-KEYS = {"name", "output", "base", "axes", "seeds", "seed_keys", "exclude", "overrides", "baseline"}
+KEYS = {"name", "output", "base", "axes", "seeds", "seed_keys", "exclude", "overrides", "baseline", "baseline_seeds"}
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Appended to every cell after its entries: the hardness diagnostic of the report and the progress
@@ -90,6 +93,7 @@ class GridSpec:
         exclude: rules axis -> labels; a combination matching every key of one rule is dropped.
         baseline: the axes the untrained-encoder baseline depends on (one baseline job per seed and
             label combination of them), or ``None`` for no baseline.
+        baseline_seeds: the seeds of the baseline jobs (``None``: every seed).
     """
 
     source: Path
@@ -102,6 +106,7 @@ class GridSpec:
     exclude: tuple[dict[str, tuple[str, ...]], ...]
     overrides: tuple[str, ...] = ()
     baseline: tuple[str, ...] | None = ()
+    baseline_seeds: tuple[int, ...] | None = None
 
     # ----------------------------------------------------------------------------- parsing
     @classmethod
@@ -133,7 +138,10 @@ class GridSpec:
             exclude=exclude,
             overrides=cls._parse_entries(raw.get("overrides") or [], f"{where}, overrides"),
             baseline=cls._parse_baseline(raw.get("baseline", True), axes, where),
+            baseline_seeds=None if raw.get("baseline_seeds") is None else cls._parse_seeds(raw["baseline_seeds"], f"{where}, baseline_seeds"),
         )
+        if spec.baseline_seeds is not None and not set(spec.baseline_seeds) <= set(seeds):
+            raise ValueError(f"{where}: baseline_seeds {list(spec.baseline_seeds)} must be among the seeds {list(seeds)}")
         if not spec.combinations():
             raise ValueError(f"{where}: the exclude rules remove every combination of {list(axes)}")
         for entry in spec.all_entries():
@@ -269,6 +277,8 @@ class GridSpec:
             return []
         jobs: dict[tuple[tuple[str, str], ...], Cell] = {}
         for cell in self.cells():
+            if self.baseline_seeds is not None and cell.seed not in self.baseline_seeds:
+                continue
             labels = {axis: cell.labels[axis] for axis in self.baseline}
             key = (*labels.items(), ("seed", str(cell.seed)))
             if key in jobs:

@@ -224,3 +224,14 @@ def test_grid_baselines_are_valid_test_configs(path, monkeypatch, capsys):
         config = yaml.safe_load(capsys.readouterr().out)
         assert config["seed_everything"] == job.seed and config.get("ckpt_path") is None
         assert BASELINE_CALLBACKS[0] in [c["class_path"] for c in config["trainer"]["callbacks"]]
+
+
+def test_baseline_seeds_limit_the_baseline_jobs(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nbase: [trainer.max_epochs=1]\naxes:\n  lr: {a: [model.init_args.optimizer.init_args.lr=0.1], b: [model.init_args.optimizer.init_args.lr=0.2]}\n"
+                    "seeds: [0, 1, 2]\nbaseline_seeds: [0]\n")
+    spec = GridSpec.load(path)
+    assert [job.seed for job in spec.baseline_cells()] == [0] and len(spec.cells()) == 6
+    path.write_text(path.read_text().replace("baseline_seeds: [0]", "baseline_seeds: [5]"))
+    with pytest.raises(ValueError, match="baseline_seeds"):
+        GridSpec.load(path)
