@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from datamodules.base import RetrievalDataModule
 from datamodules.fashion_mnist import DEBIAN_ROOT
-from datamodules.inputs import InputPipeline
+from datamodules.inputs import ImageInputs, InputPipeline
 from datamodules.samplers import RandomBatchSampler
 
 log = logging.getLogger(__name__)
@@ -805,7 +805,7 @@ class ImageTextCollate:
         return batch
 
 
-class ImageTextInputs(InputPipeline):
+class ImageTextInputs(ImageInputs):
     """Image transforms from ``data_config`` and a tokenizing collate (the CLIP regime).
 
     Train images: RandomResizedCrop over ``train_scale`` without horizontal flip (a flip would
@@ -818,14 +818,7 @@ class ImageTextInputs(InputPipeline):
     """
 
     def __init__(self, image_size: int | None = None, train_scale: tuple[float, float] = (0.9, 1.0), augment: bool = True) -> None:
-        self.image_size, self.train_scale, self.augment = image_size, tuple(train_scale), augment
-
-    def resolve(self, data_config: dict[str, Any]) -> dict[str, Any]:
-        cfg = dict(data_config)
-        if self.image_size is not None:
-            channels = cfg.get("input_size", (3,))[0]
-            cfg["input_size"] = (channels, self.image_size, self.image_size)
-        return cfg
+        super().__init__(image_size, train_scale, augment)
 
     def apply(self, datamodule: Any, data_config: dict[str, Any]) -> None:
         from datamodules.transforms import build_eval_transform, build_train_transform
@@ -844,9 +837,6 @@ class ImageTextInputs(InputPipeline):
                 f"(OpenCLIPEncoder's data_config has one), or set data.init_args.data_config.tokenizer"
             )
         return ImageTextCollate(tokenizer)
-
-    def __repr__(self) -> str:
-        return f"ImageTextInputs(image_size={self.image_size}, train_scale={self.train_scale}, augment={self.augment})"
 
 
 # ------------------------------------------------------------------------------- DataModule

@@ -78,7 +78,7 @@ class ImageInputs(InputPipeline):
             ds.transform = eval_tf
 
     def __repr__(self) -> str:
-        return f"ImageInputs(image_size={self.image_size}, train_scale={self.train_scale}, augment={self.augment})"
+        return f"{type(self).__name__}(image_size={self.image_size}, train_scale={self.train_scale}, augment={self.augment})"
 
 
 class TextInputs(InputPipeline):

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 USAGE = "hardneg data check --data CONFIG.yaml [--data.init_args.KEY=VALUE ...] [--verify]"
 
 
@@ -52,7 +51,6 @@ def load_data_spec(path: Path) -> dict[str, Any]:
 def build_datamodule(spec: dict[str, Any], overrides: list[str]):
     """Instantiate the spec with jsonargparse (type-checked like LightningCLI), applying ``--data.*`` overrides."""
     from jsonargparse import ArgumentParser
-
     from lightning import LightningDataModule
 
     parser = ArgumentParser(prog="hardneg data check", exit_on_error=False)
