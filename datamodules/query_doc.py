@@ -141,6 +141,39 @@ class TextsDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"text": self.texts[index]}
 
+    def lengths(self) -> np.ndarray:
+        """Each text's length, without reading the texts of a lazy collection (its line sizes)."""
+        return text_lengths(self.texts)
+
+
+def text_lengths(texts: Sequence[str]) -> np.ndarray:
+    """Length (characters, or bytes of a lazily read file's lines) of every text of ``texts``."""
+    offsets = getattr(texts, "offsets", None)
+    if offsets is not None:
+        return np.diff(np.asarray(offsets, dtype=np.int64))
+    if isinstance(texts, RowView):
+        return text_lengths(texts.data)[texts.rows]
+    return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+
+
+class LengthSortedSampler(Sampler[int]):
+    """The rows of an evaluation set longest first, this rank's share of them (``rank::world_size``,
+    padded with the first rows to equal counts, as ``DistributedSampler``; the metric drops the
+    repeats by their ``index``). A batch of similar lengths pads little: the corpus of the WordNet
+    benchmark (2 to 60 characters) encodes about twice as fast as in file order."""
+
+    def __init__(self, lengths: np.ndarray, rank: int = 0, world_size: int = 1) -> None:
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        per_rank = -(-len(order) // world_size) if len(order) else 0
+        padded = np.concatenate([order, order[: per_rank * world_size - len(order)]]) if world_size > 1 else order
+        self.rows = padded[rank::world_size] if world_size > 1 else padded
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(int(r) for r in self.rows)
+
 
 def _remove_tree(path: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid:  # a forked DataLoader worker that drops its copy must not delete the owner's folder
@@ -764,7 +797,10 @@ class QueryDocDataModule(RetrievalDataModule):
 
     def _indexed_loader(self, dataset: Dataset, collate_fn: Any) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        if callable(getattr(dataset, "lengths", None)):
+            sampler = LengthSortedSampler(dataset.lengths(), rank, world)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
         return DataLoader(Indexed(dataset), batch_size=self.eval_batch_size, sampler=sampler, shuffle=False, collate_fn=collate_fn,
                           **self._loader_kwargs())
 

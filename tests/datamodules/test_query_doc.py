@@ -232,10 +232,14 @@ def test_eval_loaders_are_queries_then_corpus_with_index_and_role_prefixes():
     queries, corpus = dm.test_dataloader()
     q = [b for b in queries]
     assert set(q[0]) == {"input_ids", "attention_mask", "index"}
-    assert sum((decode(b["input_ids"]) for b in q), []) == ["Q " + t for t in ["what is t0", "what is t2", "what is t3", "what is t4"]]
+    texts = ["what is t0", "what is t2", "what is t3", "what is t4"]
+    q_index = torch.cat([b["index"] for b in q]).tolist()
+    assert sum((decode(b["input_ids"]) for b in q), []) == ["Q " + texts[i] for i in q_index] and sorted(q_index) == [0, 1, 2, 3]
     docs = [b for b in corpus]
-    assert torch.cat([b["index"] for b in docs]).tolist() == list(range(16))
-    assert sum((decode(b["input_ids"]) for b in docs), []) == ["D " + c for c in CORPUS]
+    d_index = torch.cat([b["index"] for b in docs]).tolist()
+    assert sorted(d_index) == list(range(16)) and sum((decode(b["input_ids"]) for b in docs), []) == ["D " + CORPUS[i] for i in d_index]
+    # longest first: a batch of similar lengths pads little
+    assert [len(CORPUS[i]) for i in d_index] == sorted((len(c) for c in CORPUS), reverse=True)
 
 
 def test_eval_loaders_shard_across_ranks_and_padding_shares_an_index():
