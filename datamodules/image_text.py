@@ -1110,8 +1110,8 @@ class FashionScenesDataModule(ImageTextDataModule):
         n_train, n_test, scene_seed, shard_size, with_negatives, captions_per_test_image, scene_size:
             ``generate_scenes`` parameters (``scene_seed`` fixes the data, independent of ``seed``).
         train_format: "shards" (webdataset tar files) or "csv".
-        **kwargs: see ``ImageTextDataModule`` (``batch_size``, ``num_batches``, ``image_size`` ...);
-            ``zero_shot`` defaults to "fashion_mnist".
+        zero_shot: "fashion_mnist" (default: the Fashion-MNIST test images, class-name prompts) or None.
+        **kwargs: see ``ImageTextDataModule`` (``batch_size``, ``num_batches``, ``image_size`` ...).
     """
 
     def __init__(
@@ -1125,6 +1125,7 @@ class FashionScenesDataModule(ImageTextDataModule):
         captions_per_test_image: int = 3,
         scene_size: int = 64,
         train_format: str = "shards",
+        zero_shot: str | None = "fashion_mnist",
         **kwargs,
     ) -> None:
         from datamodules.fashion_scenes import shard_pattern
@@ -1136,8 +1137,7 @@ class FashionScenesDataModule(ImageTextDataModule):
         self.root = Path(root)
         count = -(-n_train // shard_size)
         train = shard_pattern(self.root, "train", count) if train_format == "shards" else str(self.root / "train.csv")
-        kwargs.setdefault("zero_shot", "fashion_mnist")
-        super().__init__(train=train, test=str(self.root / "test.csv"), **kwargs)
+        super().__init__(train=train, test=str(self.root / "test.csv"), zero_shot=zero_shot, **kwargs)
 
     def generate(self):
         from datamodules.fashion_scenes import generate_scenes

@@ -32,3 +32,17 @@ def test_scenes_config(tmp_path, fragments):
              "--data.init_args.n_train=48", "--data.init_args.n_test=12", "--data.init_args.shard_size=16", "--data.init_args.batch_size=4",
              "--data.init_args.image_size=32", "--data.init_args.zero_shot_size=20", "--data.init_args.eval_batch_size=16",
              "--model.init_args.model.init_args.overrides.image_size=32"])
+
+
+def test_scenes_config_evaluates_zero_shot_as_written():
+    """jsonargparse passes a parent's defaults explicitly: the scenes DataModule's own default must hold."""
+    from experiments.lightning_cli import load_config
+    from jsonargparse import ArgumentParser
+
+    from datamodules import FashionScenesDataModule
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(FashionScenesDataModule, "data")
+    data = load_config(ROOT / "experiments/clip/fashion_scenes.yaml")["data"]
+    dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    assert dm.zero_shot == "fashion_mnist" and dm.zero_shot_classes
