@@ -51,6 +51,8 @@ def describe(spec: GridSpec) -> str:
     excluded = f" - {product - n_combos} excluded" if product != n_combos else ""
     n_baseline = len(spec.baseline_cells())
     per = " per ".join(["seed", *(spec.baseline or ())][::-1]) if spec.baseline else "seed"
+    if spec.baseline_seeds is not None:
+        per = f"{per} of {list(spec.baseline_seeds)}"
     baseline = f" + {n_baseline} untrained-baseline evaluation{'s' if n_baseline != 1 else ''} (one per {per})" if n_baseline else ""
     return f"grid {spec.name}: {n_combos * len(spec.seeds)} cells = ({axes}{excluded}) x {len(spec.seeds)} seeds{baseline} -> {spec.output}"
 
