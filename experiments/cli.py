@@ -3,7 +3,8 @@
 ``hardneg fit|validate|test`` are LightningCLI subcommands (configs compose with repeated
 ``--config``; the last one wins). ``hardneg zoo`` lists the encoder presets; ``hardneg data check``
 checks a benchmark folder and prints its split sizes. ``hardneg mine`` mines hard negatives for a
-query/document DataModule offline (sentence-transformers' JSONL). ``hardneg grid FILE`` runs an ablation grid on
+query/document DataModule offline (sentence-transformers' JSONL). ``hardneg compositional`` scores an
+image-text model per category on SugarCrepe, SugarCrepe++ or the offline scenes. ``hardneg grid FILE`` runs an ablation grid on
 Ray Tune; ``hardneg report GRID_DIR`` writes its tables and plots. Heavy libraries are
 imported only by the subcommands that need them, so ``hardneg --help`` and ``hardneg zoo`` are fast.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """usage: hardneg {fit,validate,test,grid,report,zoo,data,mine} ...
+USAGE = """usage: hardneg {fit,validate,test,grid,report,zoo,data,mine,compositional} ...
 
 Hard-negative mining for contrastive and deep metric learning.
 
@@ -26,6 +27,7 @@ subcommands:
   zoo        list the encoder presets with their modality, embedding size and weight source
   data       check a DataModule (and every check fit runs) and print its split sizes: hardneg data check --data CONFIG.yaml [--verify]
   mine       mine hard negatives offline (resumable): hardneg mine --model minilm-l6 --data CONFIG.yaml --out negatives.jsonl
+  compositional  per-category compositional accuracy: hardneg compositional --model lite0-minilm-clip --sugarcrepe DIR --coco-images DIR
 
 Run `hardneg SUBCOMMAND --help` for the options of one subcommand.
 """
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.mine import main as mine_main
 
         return mine_main(rest)
+    if command == "compositional":
+        from experiments.compositional import main as compositional_main
+
+        return compositional_main(rest)
     if command in LIGHTNING_SUBCOMMANDS:
         from experiments.callbacks.divergence_monitor import DivergenceError
         from experiments.lightning_cli import run_lightning_cli

@@ -8,6 +8,7 @@ with the loggers it drives (``experiments.run_logs``).
 
 from experiments.callbacks.ann_refresh import ANNRefresh
 from experiments.callbacks.atomic_model_checkpoint import AtomicModelCheckpoint
+from experiments.callbacks.compositional_report import CompositionalReport
 from experiments.callbacks.divergence_monitor import DivergenceError, DivergenceMonitor, EmbeddingCollapseWarning
 from experiments.callbacks.hardness_monitor import HardnessMonitor
 from experiments.callbacks.head_warmup import HeadWarmup
@@ -21,5 +22,5 @@ from experiments.callbacks.untrained_baseline import UntrainedBaseline
 __all__ = [
     "rank_log_dir", "AtomicModelCheckpoint", "RetrievalReport", "HardnessMonitor", "DivergenceMonitor",
     "DivergenceError", "EmbeddingCollapseWarning", "HeadWarmup", "SetEpoch", "ProgressFile", "UntrainedBaseline",
-    "ANNRefresh", "NGAMEMemoryBank",
+    "ANNRefresh", "NGAMEMemoryBank", "CompositionalReport",
 ]

@@ -22,7 +22,8 @@ def test_wordnet_config(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fragments", [[], ["experiments/clip/siglip.yaml"]], ids=["clip", "siglip"])
+@pytest.mark.parametrize("fragments", [[], ["experiments/clip/siglip.yaml"], ["experiments/clip/negclip.yaml"], ["experiments/clip/tripletclip.yaml"]],
+                         ids=["clip", "siglip", "negclip", "tripletclip"])
 def test_scenes_config(tmp_path, fragments):
     require_path(Path(DEBIAN_ROOT), "Debian package dataset-fashion-mnist")
     argv = ["fit", "--config", str(ROOT / "experiments/clip/fashion_scenes.yaml")]

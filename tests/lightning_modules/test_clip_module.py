@@ -206,3 +206,20 @@ def test_offline_preset_trains_and_evaluates(scenes):
     assert torch.isfinite(t.callback_metrics["train/loss"])
     metrics = quiet(trainer().validate, module, datamodule=dm, verbose=False)[0]
     assert 0 <= metrics["val/i2t_r@1"] <= 1 and 0 <= metrics["val/zero_shot_acc@1"] <= 1
+
+
+def test_bf16_autocast_trains_with_float32_logits(scenes):
+    model = TinyCLIP()
+    module = CLIPModule(model, CLIPLoss(), optimizer=sgd)
+    t = trainer(max_steps=1, limit_val_batches=0, precision="bf16-mixed")
+    quiet(t.fit, module, datamodule=datamodule(scenes))
+    loss = t.callback_metrics["train/loss"]
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    batch = first_batch(datamodule(scenes), module)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inputs = module.embed(batch)
+        assert inputs["emb"].dtype == torch.bfloat16  # the towers ran in bf16
+        out = module.run_step(inputs)
+    assert out["loss"].dtype == torch.float32  # the step computed the logits and the loss in float32
+    ref = CLIPLoss()(inputs["emb"].float(), inputs["ref_emb"].float(), model.logit_scale.exp())
+    torch.testing.assert_close(out["loss"], ref)
