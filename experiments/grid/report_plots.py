@@ -162,6 +162,10 @@ def plot_curves(groups: dict[str, list[Cell]], metric: str, baseline: Baseline |
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    if not axes[1].lines:  # the runs never validated (limit_val_batches=0: scored on the test split at the end only)
+        axes[1].set_axis_off()
+        axes[1].text(0.5, 0.5, f"no validation {metric} during training\n(the cells are scored on the test split at the end)",
+                     ha="center", va="center", fontsize=9, color="0.4", transform=axes[1].transAxes)
     for ax in axes[::-1]:  # the validation panel, which also has the baseline, when it has curves
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
