@@ -90,10 +90,14 @@ class HardnessMonitor(L.Callback):
             )
         emb, ref_emb, mined = outputs["emb"], outputs.get("ref_emb"), outputs.get("mined")
         if mined is None:
-            labels = outputs.get("labels")
-            if labels is None:
+            pos, ign, labels = outputs.get("pos_mask"), outputs.get("ignore_mask"), outputs.get("labels")
+            if pos is not None:  # a two-view loss (CLIP, InfoNCE over documents) scores every valid pair of its masks
+                ign = torch.zeros_like(pos) if ign is None else ign
+                mined = Mined.from_masks(pos & ~ign, ~pos & ~ign)
+            elif labels is not None:
+                mined = all_pairs(labels, labels, same_set=True)
+            else:
                 return
-            mined = all_pairs(labels, labels, same_set=True)
         ap, an = pair_similarities(emb, mined, ref_emb)
         record = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), "ap": summarize(ap), "an": summarize(an)}
         self.steps.append(record)

@@ -79,3 +79,25 @@ def test_records_the_mined_pairs_of_a_run(tmp_path, monkeypatch):
         assert sum(e["ap"]) == sum(e["an"]) == 20 * batches
     logged = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert "hardness/ap_mean" in logged and "hardness/an_mean" in logged
+
+
+def test_two_view_losses_are_monitored_on_every_valid_pair_of_their_masks(tmp_path):
+    """CLIP-style losses take no miner: the monitor reads the step's relevance masks instead."""
+    import warnings
+
+    import lightning as L
+
+    from experiments.callbacks import HardnessMonitor
+    from lightning_modules.dual_encoder_module import DualEncoderModule
+    from losses import CLIPLoss
+    from tests.lightning_modules.test_dual_encoder_module import CharBagEncoder, datamodule, sgd
+
+    monitor = HardnessMonitor()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path, callbacks=[monitor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=False), optimizer=sgd), datamodule=datamodule())
+    assert len(monitor.steps) == 2
+    # 4 queries: one positive each (plus the shared documents of TinyQueryDoc) against 4 documents and 8 negatives
+    assert monitor.steps[0]["ap"]["n"] >= 4 and monitor.steps[0]["an"]["n"] > monitor.steps[0]["ap"]["n"]
