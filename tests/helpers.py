@@ -6,6 +6,7 @@ import importlib
 import os
 from types import ModuleType
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -87,3 +88,44 @@ def require_path(path, what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI installs it (make install)")
     pytest.skip(message)
+
+
+# ------------------------------------------------------------------------- regime module tests
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def sgd0(params):
+    """lr 0: one step records the gradients without changing the model."""
+    return torch.optim.SGD(params, lr=0.0)
+
+
+def cpu_trainer(devices: int = 1, **kwargs):
+    """A quiet CPU Trainer; ``devices > 1`` runs ``ddp_spawn`` on gloo (our samplers shard themselves)."""
+    return L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, **kwargs,
+    )
+
+
+def quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with warnings silenced (Lightning's notes about small CPU runs)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+class StepRecorder(L.Callback):
+    """Saves every rank's first-step parameter gradients (``<out>.rank<r>``) and loss (``<out>.loss<r>``)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        torch.save(grads, f"{self.out}.rank{trainer.global_rank}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.save(outputs["loss"].detach(), f"{self.out}.loss{trainer.global_rank}")

@@ -4,7 +4,6 @@ gradient caching equals the uncached step, DDP (2 gloo processes, local loss) eq
 the global batch, and the offline Lite0 + MiniLM preset trains and evaluates."""
 
 import math
-import warnings
 
 import lightning as L
 import pytest
@@ -18,7 +17,8 @@ from lightning_modules.clip_module import CLIPModule
 from lightning_modules.metrics import image_text_retrieval, zero_shot_accuracy
 from losses import CLIPLoss, NegCLIPLoss, SigLIPLoss, TripletCLIPLoss
 from tests.datamodules.test_image_text import char_tokenizer
-from tests.helpers import require_path
+from tests.helpers import StepRecorder, quiet, require_path, sgd, sgd0
+from tests.helpers import cpu_trainer as trainer
 
 SIZE = 32
 
@@ -64,27 +64,6 @@ def scenes(tmp_path_factory):
 def datamodule(scenes, batch_size=8, **kw):
     return ImageTextDataModule(train=str(scenes.train_csv), test=str(scenes.test_csv), batch_size=batch_size, num_workers=0, num_batches=1,
                                zero_shot="fashion_mnist", zero_shot_size=40, augment=False, seed=5, **kw)
-
-
-def sgd(params):
-    return torch.optim.SGD(params, lr=0.5)
-
-
-def sgd0(params):
-    return torch.optim.SGD(params, lr=0.0)
-
-
-def trainer(devices=1, **kwargs):
-    return L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, **kwargs,
-    )
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def first_batch(dm, module):
@@ -162,22 +141,10 @@ def test_gradient_caching_equals_the_uncached_step(scenes):
         torch.testing.assert_close(cached[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
-class Recorder(L.Callback):
-    def __init__(self, out):
-        self.out = out
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-        torch.save(grads, f"{self.out}.rank{trainer.global_rank}")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.save(outputs["loss"].detach(), f"{self.out}.loss{trainer.global_rank}")
-
-
 def run(scenes, tmp_path, devices, hard_negatives):
     module = CLIPModule(TinyCLIP(), CLIPLoss(), hard_negatives=hard_negatives, optimizer=sgd0, gather="local")
     out = str(tmp_path / f"{hard_negatives}{devices}")
-    quiet(trainer(devices, max_steps=1, limit_val_batches=0, callbacks=[Recorder(out)]).fit, module, datamodule=datamodule(scenes, batch_size=8 // devices))
+    quiet(trainer(devices, max_steps=1, limit_val_batches=0, callbacks=[StepRecorder(out)]).fit, module, datamodule=datamodule(scenes, batch_size=8 // devices))
     return out
 
 

@@ -14,6 +14,8 @@ from lightning_modules.dual_encoder_module import DualEncoderModule
 from lightning_modules.metrics import ranking_metrics
 from losses import CLIPLoss, NTXentLoss
 from tests.datamodules.test_query_doc import TinyQueryDoc, char_tokenizer
+from tests.helpers import StepRecorder, sgd, sgd0
+from tests.helpers import cpu_trainer as trainer
 
 
 class CharBagEncoder(nn.Module):
@@ -37,23 +39,8 @@ class CharBagEncoder(nn.Module):
         return self.proj(pooled)
 
 
-def sgd(params):
-    return torch.optim.SGD(params, lr=0.5)
-
-
-def sgd0(params):
-    return torch.optim.SGD(params, lr=0.0)
-
-
 def datamodule(batch_size=4, **kwargs):
     return TinyQueryDoc(batch_size=batch_size, num_negatives=2, num_workers=0, num_batches=1, seed=3, **kwargs)
-
-
-def trainer(devices=1, **kwargs):
-    return L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, **kwargs,
-    )
 
 
 def fit_one_step(module, dm, **kwargs):
@@ -119,23 +106,11 @@ def test_gradient_caching_equals_the_uncached_step():
         torch.testing.assert_close(cached[name], plain[name], rtol=1e-4, atol=1e-6)  # float32 sums in another order
 
 
-class Recorder(L.Callback):
-    def __init__(self, out):
-        self.out = out
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-        torch.save(grads, f"{self.out}.rank{trainer.global_rank}")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.save(outputs["loss"].detach(), f"{self.out}.loss{trainer.global_rank}")
-
-
 def run(tmp_path, devices, gather):
     torch.manual_seed(0)
     module = DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=True), optimizer=sgd0, gather=gather)
     out = str(tmp_path / f"{gather}{devices}")
-    fit_one_step(module, datamodule(batch_size=4 // devices), devices=devices, callbacks=[Recorder(out)])
+    fit_one_step(module, datamodule(batch_size=4 // devices), devices=devices, callbacks=[StepRecorder(out)])
     return out
 
 
