@@ -189,9 +189,14 @@ class CLIPLoss(nn.Module):
         ignore_mask: Tensor | None = None,
     ) -> Tensor:
         """``image_emb: [B, D]``, ``text_emb: [B_t, D]``; masks ``[B, B_t]`` image rows x text rows. Scalar loss."""
+        return self.both_directions(image_emb, text_emb, logit_scale, logit_bias, pos_mask, ignore_mask)
+
+    def both_directions(self, image_emb, text_emb, logit_scale, logit_bias, pos_mask, ignore_mask, **image_to_text) -> Tensor:
+        """image -> text (with ``image_to_text`` keywords, e.g. NegCLIP's ``extra_neg_emb``), and when
+        ``symmetric`` text -> image over the transposed masks, averaged."""
         who = type(self).__name__
         pos_mask, ignore_mask = check_two_view(who, image_emb, text_emb, pos_mask, ignore_mask, "image_emb", "text_emb")
-        i2t = self.directional(image_emb, text_emb, logit_scale, logit_bias, pos_mask=pos_mask, ignore_mask=ignore_mask)
+        i2t = self.directional(image_emb, text_emb, logit_scale, logit_bias, pos_mask=pos_mask, ignore_mask=ignore_mask, **image_to_text)
         if not self.symmetric:
             return i2t
         t2i = self.directional(text_emb, image_emb, logit_scale, logit_bias, pos_mask=transpose_mask(pos_mask), ignore_mask=transpose_mask(ignore_mask))

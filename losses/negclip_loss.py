@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.clip_loss import CLIPLoss, check_two_view, pair_logits, positive_softmax_loss, transpose_mask
+from losses.clip_loss import CLIPLoss, check_two_view, pair_logits, positive_softmax_loss
 
 
 class NegCLIPLoss(CLIPLoss):
@@ -70,11 +70,7 @@ class NegCLIPLoss(CLIPLoss):
         ignore_mask: Tensor | None = None,
     ) -> Tensor:
         """``(directional(image, text, extra_neg_emb=neg_text) + directional(text, image)) / 2``. Scalar loss."""
-        who = type(self).__name__
-        pos_mask, ignore_mask = check_two_view(who, image_emb, text_emb, pos_mask, ignore_mask, "image_emb", "text_emb")
-        i2t = self.directional(image_emb, text_emb, logit_scale, logit_bias, pos_mask=pos_mask, ignore_mask=ignore_mask, extra_neg_emb=neg_text_emb)
-        t2i = self.directional(text_emb, image_emb, logit_scale, logit_bias, pos_mask=transpose_mask(pos_mask), ignore_mask=transpose_mask(ignore_mask))
-        return (i2t + t2i) / 2
+        return self.both_directions(image_emb, text_emb, logit_scale, logit_bias, pos_mask, ignore_mask, extra_neg_emb=neg_text_emb)
 
     def directional(  # type: ignore[override]
         self,
