@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from types import ModuleType
@@ -129,3 +130,26 @@ class StepRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         torch.save(outputs["loss"].detach(), f"{self.out}.loss{trainer.global_rank}")
+
+
+# ------------------------------------------------------------------------- raw two-process workers
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str):
+    """A gloo process group for a ``torch.multiprocessing.spawn`` worker, rendezvous through a file (no port to race for).
+
+    On the way out every rank waits at a barrier before tearing the group down: a rank that destroys its group
+    while the other still has a collective in flight makes gloo abort the slower process (SIGABRT, "terminate
+    called without an active exception"), which failed CI once. A rank that raised skips the barrier so that the
+    other's error surfaces instead of a hang.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
@@ -20,6 +19,7 @@ from lightning_modules.metrics.image_text import (
     zero_shot_accuracy,
     zero_shot_classifier,
 )
+from tests.helpers import gloo_group
 
 KS = (1, 2, 5, 10, 500)
 SEEDS = (0, 1, 2)
@@ -212,8 +212,7 @@ def test_zero_shot_bad_input_and_metric_misuse() -> None:
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, images, texts, text_to_image, x, class_emb, labels) -> None:
     torch.set_num_threads(1)  # two processes on a shared CPU
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         results = {}
         for sharded in (True, False):
             metric = ImageTextRetrievalMetrics(ks=KS, chunk_size=8, sharded=sharded)
@@ -240,8 +239,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, images, tex
             zs.update(x[chunk], labels[chunk], index=chunk)
         results["zero_shot"] = zs.compute()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
@@ -22,6 +21,7 @@ from lightning_modules.metrics import (
     normalized_mutual_info,
     retrieval_metrics,
 )
+from tests.helpers import gloo_group
 
 KS = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
@@ -268,8 +268,7 @@ def test_metric_misuse_raises() -> None:
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, emb, labels, is_query) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_file):
         # shuffled and padded (101 samples on 2 ranks: one repeat), as Lightning's sampler does
         shard = torch.tensor(list(DistributedSampler(range(len(emb)), world_size, rank, shuffle=True, seed=3)))
         with_index = RetrievalMetrics(ks=KS, nmi=True)
@@ -287,8 +286,6 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, emb, l
             "without_index": without_index.compute(),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

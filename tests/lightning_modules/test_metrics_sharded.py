@@ -8,18 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from contracts.index import search
 from lightning_modules.metrics import QueryGalleryRetrievalMetrics, RetrievalMetrics, retrieval_metrics
 from lightning_modules.metrics.sharded import sharded_search
+from tests.helpers import gloo_group
 from tests.lightning_modules.test_metrics import KS, clustered
 
 
 def _search_worker(rank: int, world: int, init_file: str, out_dir: str, queries, reference, splits, q_splits) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         part = splits[rank]
         results = {}
         for metric in ("ip", "l2"):
@@ -27,8 +26,6 @@ def _search_worker(rank: int, world: int, init_file: str, out_dir: str, queries,
                 queries[q_splits[rank]], reference[part], 9, reference_ids=part, metric=metric, chunk=4
             )
         torch.save(results, Path(out_dir) / f"search{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -48,8 +45,7 @@ def test_sharded_search_equals_one_search(tmp_path: Path) -> None:
 
 
 def _metric_worker(rank: int, world: int, init_file: str, out_dir: str, emb, labels, is_query) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         # uneven, interleaved shards with a repeated row (padding) and dataset indices
         rows = torch.arange(len(emb))[rank::world]
         rows = torch.cat([rows, rows[:2]]) if rank == 0 else rows
@@ -64,8 +60,6 @@ def _metric_worker(rank: int, world: int, init_file: str, out_dir: str, emb, lab
         # compute() left the states as they were: this rank's rows only, nothing gathered
         results["local_rows"] = sum(len(e) for e in sharded.emb)
         torch.save(results, Path(out_dir) / f"metric{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

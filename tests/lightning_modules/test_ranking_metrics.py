@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lightning_modules.metrics.ranking import RankingMetrics, RowChunks, ranking_metrics
-from tests.helpers import oracle
+from tests.helpers import gloo_group, oracle
 
 KS = (10, 100, 1000)
 N_DOCS = 1500
@@ -243,8 +242,7 @@ def test_metric_with_ivf_index_reads_batches_without_concatenating() -> None:
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, q, d, qrels) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         # uneven splits: rank 0 holds 1000 documents and few queries, rank 1 the rest; both pad with repeats,
         # and rank 1 repeats rows rank 0 holds (kept on rank 0)
         if rank == 0:
@@ -259,8 +257,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, q, d, qrels
             warnings.simplefilter("ignore")
             got = {k: v.item() for k, v in metric.compute().items()}
         torch.save({"metrics": got, "local_docs": sum(len(e) for e in metric.d_emb)}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 import pytest
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 from lightning_modules.step import EmbeddingStep
 from losses import NTXentLoss, TripletMarginLoss
 from miners import BatchHardMiner
+from tests.helpers import gloo_group
 
 B, D_IN, D = 8, 12, 6  # rows per rank, input and embedding width
 
@@ -64,17 +63,13 @@ def compute(case: str, gather: str, x, y, labels, rank: int = 0, world: int = 1)
     return out["loss"].detach(), grads
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    with gloo_group(rank, world, init_file):
         x, y, labels = data(world)
         results = {}
         for case, gather in CASES:
             results[(case, gather)] = compute(case, gather, x, y, labels, rank, world)
         torch.save(results, f"{out}.rank{rank}")  # a file: tensors in a queue die with the process
-    finally:
-        dist.destroy_process_group()
 
 
 CASES = [("ntxent", "global"), ("ntxent", "local"), ("two_view", "global"), ("two_view", "local"), ("triplet", "global")]
@@ -82,13 +77,8 @@ CASES = [("ntxent", "global"), ("ntxent", "local"), ("two_view", "global"), ("tw
 
 @pytest.mark.slow
 def test_both_gather_modes_equal_one_process_on_the_global_batch(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "step")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     got = {rank: torch.load(f"{out}.rank{rank}") for rank in (0, 1)}
     x, y, labels = data(2)
     for case, gather in CASES:

@@ -2,8 +2,6 @@
 equal to the masks written out by hand, to the loss called on the whole batch, and under DDP (2 gloo
 processes, both gather modes) to one process on the global batch."""
 
-import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ import torch.multiprocessing as mp
 from contracts.relevance import id_masks
 from lightning_modules.step import EmbeddingStep
 from losses import CLIPLoss, NTXentLoss, SigLIPLoss
+from tests.helpers import gloo_group
 
 D = 8
 
@@ -101,12 +100,6 @@ def test_two_view_step_equals_the_loss_on_the_batch(loss):
 
 
 # ----------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CASES = {
     # name: (loss factory, uses ids and negatives)
     "ids-ntxent": (lambda: NTXentLoss(temperature=0.1), True),
@@ -139,10 +132,8 @@ def _single(case, gather):
     return loss.detach(), q.grad, d.grad, n.grad, scale.grad
 
 
-def _worker(rank, world, port, case, gather, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+def _worker(rank, world, init_file, case, gather, out):
+    with gloo_group(rank, world, init_file):
         q, d, n, doc_ids, neg_ids, pos_ids = _case_inputs(case)
         rows = slice(0, 4) if rank == 0 else slice(4, 6)  # uneven shards: 4 and 2 queries
         k = len(n) // len(q)
@@ -156,8 +147,6 @@ def _worker(rank, world, port, case, gather, out):
         sgrad = torch.zeros((), dtype=torch.float64) if scale.grad is None else scale.grad.clone()
         dist.all_reduce(sgrad)
         torch.save({"loss": loss.detach(), "grads": grads, "scale": sgrad / world}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -170,7 +159,7 @@ def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path, case, gather)
         pytest.skip("NT-Xent's mean over a data-dependent number of positive pairs is exact in global mode only")
     loss, gq, gd, gn, gs = _single(case, gather)
     out = str(tmp_path / "r")
-    mp.spawn(_worker, args=(2, _free_port(), case, gather, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), case, gather, out), nprocs=2, join=True)
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     for r in (r0, r1):
         torch.testing.assert_close(r["loss"], loss)

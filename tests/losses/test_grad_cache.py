@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -245,23 +243,15 @@ def test_errors_name_what_is_wrong():
 
 # DDP: two gloo processes, DDP-wrapped encoder, the objective gathers the global batch with gradient.
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
     from contracts.gather import all_gather_with_grad
+    from tests.helpers import gloo_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         torch.manual_seed(0)
         model = DistributedDataParallel(MLP().double())
         calls = []
@@ -277,8 +267,6 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         loss = GradCache(5)([(model, local)], lambda e: loss_fn(all_gather_with_grad(e), labels))
         grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         torch.save({"loss": loss, "grads": grads, "calls": len(calls)}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -286,7 +274,7 @@ def test_ddp_syncs_once_and_equals_one_process_on_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "ddp")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     torch.manual_seed(0)
     ref = MLP().double()
     x, labels = labelled_batch(24, classes=6)

@@ -13,13 +13,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from contracts.relevance import all_pairs
 from losses import TripletMarginLoss
 from miners import CrossBatchMemory
 from miners.memory import _drop_self_pairs
+from tests.helpers import gloo_group
 
 D, MEMORY, STEPS = 4, 20, 4
 SIZES = (5, 7)  # uneven batches per rank
@@ -32,8 +32,7 @@ def _batch(rank: int, step: int):
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         memory = CrossBatchMemory(TripletMarginLoss(margin=0.1), D, memory_size=MEMORY)
         # the caller gathers (as MetricLearningModule does): the memory must not gather again
         pre_gathered = CrossBatchMemory(TripletMarginLoss(margin=0.1), D, memory_size=MEMORY, gather=False).double()
@@ -54,8 +53,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "queue_idx": memory.queue_idx,
             })
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
