@@ -15,7 +15,7 @@ from experiments.callbacks.ann_refresh import ANNRefresh
 from lightning_modules.dual_encoder_module import DualEncoderModule
 from losses import CLIPLoss
 from tests.datamodules.test_query_doc import CORPUS, TRAIN_Q, TRAIN_QRELS, TinyQueryDoc, char_tokenizer, usable
-from tests.helpers import require_path
+from tests.helpers import require_path, sgd
 from tests.lightning_modules.test_dual_encoder_module import CharBagEncoder, sgd0
 
 
@@ -140,6 +140,56 @@ def test_bad_settings_are_clear_errors():
         ANNRefresh(first="bm25")
     with pytest.raises(ValueError, match="max_queries must be a positive integer"):
         ANNRefresh(max_queries=0)
+
+
+def test_epoch_queries_are_the_rows_the_epoch_draws_with_the_lists_of_a_full_refresh(tmp_path):
+    torch.manual_seed(0)
+    dm = TinyQueryDoc(batch_size=2, num_negatives=1, num_workers=0, seed=5, num_batches=2)  # 4 of the 8 train queries per epoch
+    module = DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=False), optimizer=sgd0)
+    refresh, seen = ANNRefresh(top_k=3, every_n_epochs=1, first="untrained", queries="epoch"), EpochNegatives()
+    fit(module, dm, [refresh, seen, KeepStore(str(tmp_path / "epoch"))], max_epochs=2)
+    drawn = {e: sorted({q for queries, _ in seen.negs[e] for q in queries}) for e in (0, 1)}
+    assert [h["queries"] for h in refresh.history] == [len(drawn[0]), len(drawn[1])] and len(drawn[0]) < len(TRAIN_Q)
+    q, d = embeddings(module, TRAIN_Q, CORPUS)
+    rows, _, _ = brute_force(q, d, TRAIN_QRELS, top_k=3)
+    got = np.load(tmp_path / "epoch.rank0.npz")["rows"]
+    for qi in drawn[1]:  # the lists of the queries epoch 1 draws are those of a full refresh by the same model (lr 0)
+        assert got[qi, :3].tolist() == rows[qi] and (got[qi, 3:] == -1).all()  # the store is as wide as the static lists
+    for queries, negs in seen.negs[1]:
+        assert all(set(n) - {-1} <= set(rows[qi]) for qi, n in zip(queries, negs))
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ANNRefresh(every_n_steps=5, queries="epoch")
+    with pytest.raises(ValueError, match="queries must be one of"):
+        ANNRefresh(queries="some")
+
+
+def test_corpus_cache_reuses_the_initial_towers_embeddings_only(tmp_path, monkeypatch):
+    import experiments.callbacks.ann_refresh as ann
+
+    calls = []
+    real = ann._encode
+    monkeypatch.setattr(ann, "_encode", lambda enc, texts, *a: calls.append(len(texts)) or real(enc, texts, *a))
+
+    def one_run(tag):  # trained (lr 0.5): the epoch-1 tower differs from the initial one
+        torch.manual_seed(0)
+        module = DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=False), optimizer=sgd)
+        fit(module, tiny_dm(), [ANNRefresh(top_k=3, every_n_epochs=1, first="untrained", corpus_cache=str(tmp_path / "cache")),
+                                KeepStore(str(tmp_path / tag))], max_epochs=2)
+        return np.load(tmp_path / f"{tag}.rank0.npz")
+
+    first = one_run("a")
+    n_docs = len(CORPUS)
+    assert calls.count(n_docs) == 2 and len(list((tmp_path / "cache").glob("corpus-*.npy"))) == 1  # fit start written, epoch 1 not
+    calls.clear()
+    second = one_run("b")
+    assert calls.count(n_docs) == 1  # the fit-start corpus read back; epoch 1's (step > 0) encoded again
+    assert second["rows"].tolist() == first["rows"].tolist()
+    np.testing.assert_allclose(second["scores"], first["scores"], atol=1e-6)
+    calls.clear()
+    # another initial tower: another fingerprint, a miss
+    module = DualEncoderModule(CharBagEncoder(seed=1), CLIPLoss(symmetric=False), optimizer=sgd0)
+    fit(module, tiny_dm(), [ANNRefresh(top_k=3, every_n_epochs=None, first="untrained", corpus_cache=str(tmp_path / "cache"))], max_steps=1)
+    assert calls.count(n_docs) == 1 and len(list((tmp_path / "cache").glob("corpus-*.npy"))) == 2
 
 
 def run(tmp_path, devices):
