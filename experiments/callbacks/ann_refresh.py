@@ -41,6 +41,11 @@ Cost controls (neither changes which negatives a query gets):
   asks again: every run of a grid that starts from the same checkpoint encodes the corpus for its
   first refresh once, not once per run. Later refreshes (a trained tower) miss and are not written.
 
+Resuming: the candidate lists are not in the checkpoint (for MS MARCO they would add a gigabyte to
+every checkpoint); the refresh history is. A run resumed after a refresh had happened (or with
+``first="untrained"``) refreshes once at train start with the restored model, for the restored epoch,
+so that it never trains on the static lists by mistake.
+
 When: ``first="untrained"`` refreshes at fit start (before the first epoch's iterator exists) with
 the initial model; ``first="file"`` trains the first ``every_n_epochs`` epochs on the DataModule's
 static candidates. Then every ``every_n_epochs`` epochs (at the epoch start, before Lightning creates
@@ -130,19 +135,34 @@ class ANNRefresh(L.Callback):
         self.queries, self.corpus_cache = queries, corpus_cache
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
+        self._refreshed_at: tuple[int, int] | None = None  # (epoch, step) of this process's latest refresh
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
 
     # ---------------------------------------------------------------------------------- when
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.first == "untrained":
-            stats = self.refresh(trainer, pl_module)
-            for logger in trainer.loggers:  # self.log is not allowed in on_fit_start
-                if trainer.is_global_zero:
-                    logger.log_metrics(stats, step=trainer.global_step)
+        if self.first == "untrained" and trainer.ckpt_path is None:  # resuming: on_train_start, once epoch and step are restored
+            self._log_now(trainer, self.refresh(trainer, pl_module))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None and (self.first == "untrained" or self.history):
+            self._log_now(trainer, self.refresh(trainer, pl_module))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.every_n_epochs is not None and epoch > 0 and epoch % self.every_n_epochs == 0:
+        if (self.every_n_epochs is not None and epoch > 0 and epoch % self.every_n_epochs == 0
+                and self._refreshed_at != (epoch, trainer.global_step)):  # not again right after a resume's refresh
             self._log(pl_module, self.refresh(trainer, pl_module))
+
+    @staticmethod
+    def _log_now(trainer: L.Trainer, stats: dict[str, float]) -> None:
+        for logger in trainer.loggers:  # self.log is not allowed outside the training hooks
+            if trainer.is_global_zero:
+                logger.log_metrics(stats, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -240,6 +260,7 @@ class ANNRefresh(L.Callback):
             "train/ann_mining_seconds": mining_seconds,
             "train/ann_positive_fraction": float(n_pos / max(n_seen, 1.0)),
         }
+        self._refreshed_at = (trainer.current_epoch, trainer.global_step)
         self.history.append({**stats, "epoch": float(trainer.current_epoch), "step": float(trainer.global_step), "queries": float(len(subset))})
         return stats
 

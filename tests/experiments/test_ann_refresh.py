@@ -192,6 +192,42 @@ def test_corpus_cache_reuses_the_initial_towers_embeddings_only(tmp_path, monkey
     assert calls.count(n_docs) == 1 and len(list((tmp_path / "cache").glob("corpus-*.npy"))) == 2
 
 
+def test_a_resumed_run_refreshes_with_the_restored_model_for_the_restored_epoch(tmp_path):
+    torch.manual_seed(0)
+    module = DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=False), optimizer=sgd)
+    refresh = ANNRefresh(top_k=3, every_n_epochs=3, first="untrained")
+    t = trainer(callbacks=[refresh], max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(module, datamodule=tiny_dm())
+    t.save_checkpoint(tmp_path / "epoch0.ckpt")
+    steps = t.global_step
+    q, d = embeddings(module, TRAIN_Q, CORPUS)  # the model of the checkpoint
+    rows, _, _ = brute_force(q, d, TRAIN_QRELS, top_k=3)
+
+    resumed, seen = ANNRefresh(top_k=3, every_n_epochs=3, first="untrained"), EpochNegatives()
+    module2 = DualEncoderModule(CharBagEncoder(seed=7), CLIPLoss(symmetric=False), optimizer=sgd0)  # weights come from the checkpoint
+    dm = tiny_dm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(callbacks=[resumed, seen], max_epochs=2).fit(module2, datamodule=dm, ckpt_path=tmp_path / "epoch0.ckpt")
+    # the history came back with the checkpoint; one refresh at train start, for epoch 1, with the restored weights
+    assert len(resumed.history) == 2 and (resumed.history[1]["epoch"], resumed.history[1]["step"]) == (1.0, float(steps))
+    assert dm.candidate_store.version == 1
+    for queries, negs in seen.negs[1]:
+        assert all(set(n) - {-1} <= set(rows[qi]) for qi, n in zip(queries, negs))
+
+    # first="file" and no refresh before the checkpoint: the static lists are still the right ones, nothing is refreshed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(callbacks=[ANNRefresh(top_k=3, every_n_epochs=3, first="file")], max_epochs=1)
+        t.fit(DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=False), optimizer=sgd), datamodule=tiny_dm())
+        t.save_checkpoint(tmp_path / "static.ckpt")
+        static, dm = ANNRefresh(top_k=3, every_n_epochs=3, first="file"), tiny_dm()
+        trainer(callbacks=[static], max_epochs=2).fit(DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=False), optimizer=sgd0),
+                                                      datamodule=dm, ckpt_path=tmp_path / "static.ckpt")
+    assert static.history == [] and dm.candidate_store.version == 0
+
 def run(tmp_path, devices):
     torch.manual_seed(0)
     module = DualEncoderModule(CharBagEncoder(), CLIPLoss(symmetric=False), optimizer=sgd0)
