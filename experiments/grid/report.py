@@ -128,6 +128,60 @@ def aggregate(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_differences(frame: pd.DataFrame, axes: list[str], axis: str, reference: str, metrics: list[str]) -> pd.DataFrame:
+    """Per label of ``axis`` other than ``reference`` (and per combination of the other axes): the differences
+    ``metric(cell) - metric(reference cell of the same seed and other labels)``, as ``n`` pairs,
+    ``<metric>_mean``, ``<metric>_std`` (sample std of the differences) and ``<metric>_wins`` (pairs > 0).
+
+    Pairing by seed removes what the seeds share (the same batches, the same initial projections), so a
+    difference smaller than either arm's spread can still be consistent; the wins say on how many seeds.
+    Cells without a partner are left out.
+    """
+    if axis not in axes:
+        raise ValueError(f"paired: {axis!r} is not an axis of this grid (axes: {axes})")
+    if reference not in set(frame[axis].astype(str)):
+        raise ValueError(f"paired: no finished cell has {axis} = {reference!r} (labels: {sorted(set(frame[axis].astype(str)))})")
+    others = [a for a in axes if a != axis]
+    key = [*others, "seed"]
+    ref = frame[frame[axis].astype(str) == reference].set_index(key)[metrics]
+    rows = []
+    labels = [lab for lab in frame[axis].cat.categories if lab != reference] if isinstance(frame[axis].dtype, pd.CategoricalDtype) else \
+        sorted({str(v) for v in frame[axis]} - {reference})
+    for label in labels:
+        arm = frame[frame[axis].astype(str) == str(label)].set_index(key)[metrics]
+        both = arm.index.intersection(ref.index)
+        if not len(both):
+            continue
+        diff = (arm.loc[both] - ref.loc[both]).reset_index()
+        grouped = [((), diff)] if not others else diff.groupby(others, observed=True, sort=True)
+        for group_key, group in grouped:
+            group_key = group_key if isinstance(group_key, tuple) else (group_key,)
+            row: dict[str, Any] = {**dict(zip(others, group_key)), axis: str(label), "n": len(group)}
+            for m in metrics:
+                values = group[m].dropna().astype(float)
+                row[f"{m}_mean"] = values.mean() if len(values) else math.nan
+                row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+                row[f"{m}_wins"] = int((values > 0).sum())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(paired: pd.DataFrame, axes: list[str], axis: str, reference: str, metrics: list[str]) -> list[str]:
+    others = [a for a in axes if a != axis]
+    header = [*others, axis, "n", *[f"Δ {m}" for m in metrics]]
+    rows = []
+    for _, r in paired.iterrows():
+        texts = [str(r[a]) for a in others] + [str(r[axis]), str(int(r["n"]))]
+        for m in metrics:
+            mean, std = r[f"{m}_mean"], r[f"{m}_std"]
+            spread = 0.0 if math.isnan(std) else std
+            texts.append("–" if math.isnan(mean) else f"{mean:+.4f} {PLUS_MINUS} {spread:.4f} ({int(r[f'{m}_wins'])}/{int(r['n'])} > 0)")
+        rows.append(texts)
+    return [f"## Paired differences against {axis} = {reference}", "",
+            f"Per seed, a cell minus the {axis} = {reference} cell of the same seed{' and other labels' if others else ''}; mean {PLUS_MINUS} "
+            f"sample std of the differences, and on how many seeds the difference is positive.", "", markdown_table(header, rows), ""]
+
+
 def format_mean_std(mean: float, std: float, n: int | None = None, n_expected: int | None = None, digits: int = 4) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
@@ -283,8 +337,13 @@ def curve_warnings(cells: list[Cell]) -> list[str]:
     return [f"{cell.id}: {problem}" for cell in cells if cell.is_finished() for problem in curve_problems(cell.folder)]
 
 
-def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str] | None = None, cols: str | None = None, plots: bool = True) -> Path:
-    """Write ``report.md``, ``report.csv``, ``cells.csv`` and the PNGs into ``grid_dir/report``."""
+def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str] | None = None, cols: str | None = None, plots: bool = True,
+                 paired: str | None = None) -> Path:
+    """Write ``report.md``, ``report.csv``, ``cells.csv`` and the PNGs into ``grid_dir/report``.
+
+    ``paired="<axis>=<label>"`` adds the per-seed differences against that arm (``paired.csv`` and a section
+    of ``report.md``; ``paired_differences``).
+    """
     grid_dir = Path(grid_dir)
     grid, cells = load_grid(grid_dir)
     axes: dict[str, list[str]] = grid["axes"]
@@ -302,6 +361,13 @@ def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str]
         raise ValueError(f"metric {metric!r} is not among the final metrics of {grid_dir}: {[m for m in available if '/' not in m and m not in TIMES]}")
     row_axes, col_axis = layout(axes, rows, cols)
     agg = aggregate(frame, list(axes))
+    paired_frame, paired_axis, paired_ref = None, None, None
+    if paired is not None:
+        paired_axis, sep, paired_ref = paired.partition("=")
+        if not sep or not paired_ref:
+            raise ValueError(f"paired must be <axis>=<label>, e.g. negatives=in_batch; got {paired!r}")
+        paired_frame = paired_differences(frame, list(axes), paired_axis, paired_ref,
+                                          [m for m in available if "/" not in m and m not in TIMES])
     out = grid_dir / "report"
     out.mkdir(exist_ok=True)
 
@@ -342,6 +408,9 @@ def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str]
         "",
         markdown_table(long_header, long_rows),
     ]
+    if paired_frame is not None:
+        ordered = [metric, *[m for m in available if "/" not in m and m not in TIMES and m != metric]]
+        parts += ["", *paired_markdown(paired_frame, list(axes), paired_axis, paired_ref, ordered)]
     if unfinished:
         parts += ["", "## Not finished", "", *[f"- {c}" for c in unfinished]]
     if warnings:
@@ -351,6 +420,8 @@ def write_report(grid_dir: str | Path, metric: str = "recall@1", rows: list[str]
     atomic_write_text(out / "report.md", "\n".join(parts) + "\n")
     atomic_write_text(out / "report.csv", with_baseline(agg, baseline_agg).to_csv(index=False))
     atomic_write_text(out / "cells.csv", with_baseline(frame, baseline_frame).to_csv(index=False))
+    if paired_frame is not None:
+        atomic_write_text(out / "paired.csv", paired_frame.to_csv(index=False))
     if plots:
         from experiments.grid import report_plots
 
@@ -383,9 +454,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rows", nargs="+", help="axes shown as rows (default: every varying axis but the last)")
     p.add_argument("--cols", help="axis shown as columns (default: the last varying axis)")
     p.add_argument("--no-plots", action="store_true", help="write only the tables")
+    p.add_argument("--paired", metavar="AXIS=LABEL", help="also the per-seed differences against this arm, e.g. negatives=in_batch")
     args = p.parse_args(argv)
     try:
-        out = write_report(args.grid_dir, args.metric, args.rows, args.cols, plots=not args.no_plots)
+        out = write_report(args.grid_dir, args.metric, args.rows, args.cols, plots=not args.no_plots, paired=args.paired)
     except (FileNotFoundError, ValueError) as e:
         print(f"hardneg report: {e}", file=sys.stderr)
         return 2

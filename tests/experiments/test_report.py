@@ -8,10 +8,10 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from experiments.grid import report_plots
 from experiments.atomic import atomic_write_json
 from experiments.cli import main
-from experiments.grid.report import aggregate, baseline_table, curve_problems, layout, load_baseline, load_grid, write_report
+from experiments.grid import report_plots
+from experiments.grid.report import aggregate, baseline_table, curve_problems, layout, load_baseline, load_grid, paired_differences, write_report
 from experiments.grid.run_folder import read_metrics_csv
 
 # recall@1 per (miner, loss) and seed; None: the cell did not finish. (miner=ms, loss=x) is excluded.
@@ -224,3 +224,26 @@ def test_untrained_row_on_the_split_of_the_final_metrics(tmp_path):
         atomic_write_json(done, {**yaml.safe_load(done.read_text()), "source": "metrics.csv (last validation)"})
     text = (write_report(grid, plots=False) / "report.md").read_text()
     assert "| untrained | 0.4600 ± 0.0200 | 0.4600 ± 0.0200 |" in text and "on the validation split like the cells" in text
+
+
+def test_paired_differences_by_seed_against_one_arm(tmp_path):
+    grid = make_grid(tmp_path)
+    out = write_report(grid, plots=False, paired="miner=bh")
+    # by hand: (ms, y) - (bh, y) on the seeds both finished (0, 1): 0.90 - 0.80, 0.90 - 0.84
+    table = {(r["loss"], r["miner"]): r for r in csv.DictReader(open(out / "paired.csv"))}
+    assert set(table) == {("y", "ms")}  # (ms, x) never ran: no pair; bh is the reference
+    row = table[("y", "ms")]
+    assert int(row["n"]) == 2 and int(row["recall@1_wins"]) == 2
+    assert float(row["recall@1_mean"]) == pytest.approx(0.08)
+    assert float(row["recall@1_std"]) == pytest.approx(math.sqrt(2 * 0.02**2))
+    text = (out / "report.md").read_text()
+    assert "## Paired differences against miner = bh" in text and "+0.0800 ± 0.0283 (2/2 > 0)" in text
+    _, cells = load_grid(grid)
+    from experiments.grid.report import cell_table
+    frame = cell_table(load_grid(grid)[0], cells)
+    with pytest.raises(ValueError, match="not an axis"):
+        paired_differences(frame, ["miner", "loss"], "sampler", "bh", ["recall@1"])
+    with pytest.raises(ValueError, match="no finished cell has miner = 'nope'"):
+        paired_differences(frame, ["miner", "loss"], "miner", "nope", ["recall@1"])
+    with pytest.raises(ValueError, match="AXIS=LABEL|<axis>=<label>"):
+        write_report(grid, plots=False, paired="miner")
