@@ -53,11 +53,17 @@ def build_train_transform(
 
 
 def build_eval_transform(data_config: dict[str, Any] | None) -> T.Compose:
-    """The standard evaluation transform: resize to ``size / crop_pct``, center crop, normalise."""
+    """The standard evaluation transform: resize, center crop, normalise.
+
+    A square input size resizes the *shorter side* to ``size / crop_pct`` (keeping the aspect ratio)
+    before the center crop, as timm's eval transform and open_clip's ``image_transform`` do; a
+    non-square input size resizes to ``(height, width) / crop_pct``. Stretching a 640x480 COCO photo to
+    a square instead would score SugarCrepe or CUB on other pixels than the published numbers were.
+    """
     cfg = resolve_data_config(data_config)
     channels, height, width = cfg["input_size"]
     crop_pct = cfg["crop_pct"] or 1.0
-    resize = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    resize = math.floor(height / crop_pct) if height == width else (math.floor(height / crop_pct), math.floor(width / crop_pct))
     return T.Compose(
         [
             _ToChannels(channels),
