@@ -612,8 +612,9 @@ class MSMARCOPassageDataModule(QueryDocDataModule):
         if negatives_file is not None and train_negatives is None:
             raise ValueError("negatives_file is given but train_negatives is None: say which format it is "
                              f"(train_negatives one of {SOURCES})")
-        if train_negatives is None and self.num_negatives > 0:
-            raise ValueError(f"num_negatives={self.num_negatives} needs a hard-negative source: set train_negatives to one of {SOURCES}")
+        if train_negatives is None and self.num_negatives > 0 and not self.dynamic_candidates:
+            raise ValueError(f"num_negatives={self.num_negatives} needs a hard-negative source: set train_negatives to one of {SOURCES}, "
+                             f"or dynamic_candidates=True when a callback (ANNRefresh) supplies them")
         for arg, value in (("max_train_queries", max_train_queries), ("max_negatives_per_query", max_negatives_per_query)):
             if value is not None and value < 1:
                 raise ValueError(f"{arg} must be >= 1 or None, got {value}")

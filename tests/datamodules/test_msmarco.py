@@ -421,6 +421,11 @@ def test_datamodule_negative_systems_and_caps(marco):
         datamodule(root, train_negatives="tevatron", negative_systems=["bm25"])
     with pytest.raises(ValueError, match="num_negatives must be 0 or 1"):
         datamodule(root, train_negatives="triples", num_negatives=2).prepare_splits()
+    with pytest.raises(ValueError, match="needs a hard-negative source.*dynamic_candidates=True"):
+        datamodule(root, num_negatives=1)
+    dynamic = datamodule(root, num_negatives=1, dynamic_candidates=True)  # an ANN refresh supplies the lists
+    dynamic.prepare_splits()
+    assert dynamic.data.negatives is None
 
 
 def test_datamodule_missing_file_lists_folder(tmp_path, marco):

@@ -29,6 +29,7 @@ RECIPE_DIR = ROOT / "experiments" / "recipes"
 FOLDERS = ("msmarco", "clip", "compositional")
 RECIPES = sorted(p for folder in FOLDERS for p in (RECIPE_DIR / folder).glob("*.yaml"))  # parts live in <folder>/parts/
 DOCS = ROOT / "docs" / "recipes.md"
+MARCO: dict = {}  # what make_msmarco wrote (qids, qrels, negative lists), for the stand-ins
 
 FAST = [
     "--trainer.fast_dev_run=true",
@@ -51,8 +52,37 @@ def marco(tmp_path_factory) -> Path:
     from tests.datamodules.test_msmarco import make_msmarco
 
     root = tmp_path_factory.mktemp("msmarco")
-    make_msmarco(root)
+    MARCO.update(make_msmarco(root))
     return root
+
+
+def text_stand_ins(recipe: dict, marco: Path) -> list[str]:
+    """Offline stand-ins for what a text recipe reads besides the miniature's official files: a hub teacher
+    scored from a generated {qid: {pid: score}} file, a hub guide replaced by the packaged MiniLM, a mined
+    negatives file (named by the recipe) written from the miniature's BM25 lists under the recipe's system."""
+    import gzip
+    import pickle
+
+    from tests.datamodules.test_msmarco import N_PASSAGES
+
+    init, data = recipe["model"]["init_args"], recipe["data"]["init_args"]
+    args = []
+    teacher = init.get("teacher") or {}
+    if teacher.get("class_path", "").endswith("FileScorer"):
+        path = marco / "teacher-scores.pkl.gz"
+        generator = torch.Generator().manual_seed(0)
+        scores = {q: {p: float(torch.randn((), generator=generator)) for p in range(N_PASSAGES)} for q in MARCO["train_qids"]}
+        with gzip.open(path, "wb") as f:
+            pickle.dump(scores, f)
+        args.append(f"--model.init_args.teacher.init_args.path={path}")
+    if init.get("guide"):
+        guide = {"class_path": "models.preset", "init_args": {"name": "minilm-l6", "overrides": {"max_length": 32}}}  # replaces the hub guide's overrides too
+        args.append(f"--model.init_args.guide.init_args.guide={json.dumps(guide)}")
+    if data.get("negatives_file"):
+        systems = data.get("negative_systems") or ["mined"]
+        lines = [json.dumps({"qid": q, "pos": pos, "neg": {s: MARCO["negatives"][q] for s in systems}}) for q, pos in MARCO["train_qrels"].items()]
+        (marco / data["negatives_file"]).write_text("\n".join(lines) + "\n")
+    return args
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +98,7 @@ def scenes(tmp_path_factory):
 def text_overrides(recipe: dict, marco: Path) -> list[str]:
     """The packaged MiniLM in place of the recipe's preset (its other overrides kept), 32 tokens, a small batch."""
     encoder = recipe["model"]["init_args"]["query_encoder"]["init_args"]
-    overrides = {**(encoder.get("overrides") or {}), "max_length": 32}
+    overrides = {**{k: v for k, v in (encoder.get("overrides") or {}).items() if k != "model_name_or_path"}, "max_length": 32}
     return [
         "--model.init_args.query_encoder.init_args.name=minilm-l6",
         f"--model.init_args.query_encoder.init_args.overrides={json.dumps(overrides)}",
@@ -108,8 +138,8 @@ def test_recipe_fast_dev_run(path, tmp_path, monkeypatch, marco, scenes):
     monkeypatch.chdir(tmp_path)  # a recipe's relative paths (runs/...) land in the temporary folder
     recipe = load_config(path)
     init = recipe["model"]["init_args"]
-    text = recipe["model"]["class_path"].endswith("DualEncoderModule")
-    data = text_overrides(recipe, marco) if text else clip_overrides(recipe, scenes)
+    text = "query_encoder" in init  # DualEncoderModule and its subclasses (ADOREModule)
+    data = [*text_overrides(recipe, marco), *text_stand_ins(recipe, marco)] if text else clip_overrides(recipe, scenes)
     trainer = run_cli(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'run'}", *FAST, *data])  # finished, stepped, finite loss
 
     module = trainer.lightning_module
@@ -131,8 +161,22 @@ def test_recipe_fast_dev_run(path, tmp_path, monkeypatch, marco, scenes):
         assert dm.num_negatives == recipe["data"]["init_args"]["num_negatives"]
         encoder = module.query_encoder
         for key, value in (init["query_encoder"]["init_args"].get("overrides") or {}).items():
-            if key != "max_length":
+            if key not in ("max_length", "model_name_or_path"):
                 assert getattr(encoder, key) == value, key
+        # the negative source beyond the file: the sampler, an ANN refresh, ADORE's retrieval, a guide, a teacher's loss
+        sampler = (recipe["data"]["init_args"].get("negative_sampler") or {}).get("class_path", "miners.negative_samplers.UniformSampler")
+        assert type(dm.negative_sampler).__name__ == sampler.rsplit(".", 1)[1]
+        for name in ("distillation_loss", "guide"):
+            assert type(getattr(module, name, None)).__name__ == (init[name]["class_path"].rsplit(".", 1)[1] if init.get(name) else "NoneType"), name
+        refresh = [c for c in recipe["trainer"].get("callbacks") or [] if c["class_path"].endswith("ANNRefresh")]
+        built = [c for c in trainer.callbacks if type(c).__name__ == "ANNRefresh"]
+        assert len(built) == len(refresh)
+        for spec, callback in zip(refresh, built):
+            for key in ("every_n_epochs", "every_n_steps", "top_k", "first", "skip_top", "distance"):
+                assert getattr(callback, key) == spec["init_args"][key], key
+            assert callback.history, "the refresh at fit start ran"
+        if recipe["model"]["class_path"].endswith("ADOREModule"):
+            assert module.num_negatives == init["num_negatives"] and module.index is not None
     else:
         assert module.hparams.hard_negatives == init.get("hard_negatives", "none")
         assert module.step.gather == init.get("gather", "local")
