@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from contracts.distances import BaseDistance
-from contracts.gather import all_gather_no_grad, dist_ready
+from contracts.gather import all_gather_no_grad, all_gather_with_grad, dist_ready
 from lightning_modules.embedding_module import EmbeddingModule, OptimizerFactory, SchedulerFactory, default_optimizer
 from lightning_modules.step import EmbeddingStep
 
@@ -67,8 +67,8 @@ class DualEncoderModule(EmbeddingModule):
         teacher: a ``models.scorers`` scorer of each query's ``[positive, hard negatives]``
             (``CrossEncoderScorer``, ``BiEncoderScorer``, ``FileScorer``); needs ``distillation_loss``.
         distillation_loss: a ``losses.distillation`` loss (``KLDistillationLoss``, ``MarginMSELoss``)
-            between the student's scores of those candidates (from the step's embeddings, this
-            rank's rows, by the loss's ``similarity``) and the teacher's; ``distillation_weight`` times it
+            between the student's scores of those candidates (from the step's embeddings, every
+            rank's rows gathered unless ``gather="none"``, by the loss's ``similarity``) and the teacher's; ``distillation_weight`` times it
             is added to the step's loss and logged as ``train/distill_loss``. Empty slots (id -1)
             and pairs without a teacher score (NaN) are left out. Needs hard negatives
             (``num_negatives > 0``).
@@ -283,6 +283,12 @@ class DualEncoderModule(EmbeddingModule):
                 student = candidate_scores(
                     inputs["emb"].float(), inputs["ref_emb"].float(), inputs["neg_emb"].float(), similarity=self.distillation_loss.similarity
                 )
+                if self.step.gather != "none" and dist_ready():
+                    # the global batch's term on every rank (its mean runs over a data-dependent count of valid
+                    # candidates, so a mean of per-rank means is not it); the gather's backward sums the W identical
+                    # copies and DDP's average divides them away
+                    student = all_gather_with_grad(student)
+                    teacher, valid = all_gather_no_grad(teacher), all_gather_no_grad(valid)
                 distill = self.distillation_loss(student, teacher, valid)
             out["loss"] = out["loss"] + self.distillation_weight * distill
             out["distill_loss"] = distill.detach()

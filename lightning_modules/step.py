@@ -266,7 +266,12 @@ class EmbeddingStep(nn.Module):
             mined = self._mine(queries, ref_all, pos, ign)
             if self.mixer is not None and hasattr(self.mixer, "mix_spec") and mem_emb is not None:
                 use_labels = q_labels is not None and self.memory_same_label == "ignore"
-                spec = self.mixer.mix_spec(queries, mem_emb, q_labels if use_labels else None, mem_labels if use_labels else None)
+                # a query mixes only its negatives among the memory's columns (they come first in pos/ign): by ids, the
+                # hardest entries of a queue of documents include the query's own positives
+                mem_cols = slice(0, len(mem_emb))
+                candidates = ~pos[:, mem_cols] & ~ign[:, mem_cols]
+                spec = self.mixer.mix_spec(queries, mem_emb, q_labels if use_labels else None, mem_labels if use_labels else None,
+                                           candidates=candidates)
                 if len(spec):
                     mined = dataclasses.replace(_listed_pairs(mined), mix=spec)
             loss = self.loss(queries, None, mined, ref_all, None, pos_mask=pos, ignore_mask=ign, **loss_kwargs)
