@@ -343,6 +343,9 @@ class EmbeddingStep(nn.Module):
             raise ValueError("EmbeddingStep: no relevance: give labels or a pos_mask (or pos_ids with ref_ids)")
         if self.two_view and self.miner is not None:
             raise ValueError(f"EmbeddingStep: {type(self.loss).__name__} is a two-view loss (it scores every pair itself); it takes no miner")
+        if self.two_view and self.mixer is not None and hasattr(self.mixer, "mix_spec"):
+            raise ValueError(f"EmbeddingStep: {type(self.mixer).__name__} adds synthetic negatives to mined tuples, which the two-view loss "
+                             f"{type(self.loss).__name__} does not take; use a loss that reads Mined.mix (accepts_mix, e.g. NTXentLoss) or drop the mixer")
 
 
 def _cross(q_labels, r_labels, n, m, device) -> Tensor:

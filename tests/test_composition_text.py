@@ -71,7 +71,7 @@ TAKES_NO_MINER = "a two-view loss scores every pair itself; EmbeddingStep refuse
 TEXT_INCOMPATIBLE: dict[tuple[str, str, str], str] = {
     ("*", "ProxyAnchorLoss", "*"): "needs class labels (one proxy per class); query -> document relevance is by document ids",
     (NO_MINER, "SigLIPLoss", "*"): "SigLIP needs the learnable bias b (logit_bias); DualEncoderModule passes only logit_scale",
-    **{(NO_MINER, name, "mochi"): "the step hands a two-view loss no Mined, so the MoCHi mixer is dropped without a word" for name in _TWO_VIEW_NAMES},
+    **{(NO_MINER, name, "mochi"): "a two-view loss takes no Mined, so it cannot read MoCHi's synthetic negatives (the step refuses the pair)" for name in _TWO_VIEW_NAMES},
 }
 
 
