@@ -27,6 +27,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -218,7 +219,17 @@ class EmbeddingModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        scheduler = self.scheduler_factory(optimizer)
+        # a scheduler declares a per-step schedule with ``interval = "step"`` (lightning_modules.schedulers.WarmupDecayLR);
+        # one that needs the run's length and has none gets the trainer's count of optimizer steps
+        if getattr(scheduler, "total_steps", 0) is None and self._trainer is not None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+            warmup = getattr(scheduler, "warmup_steps", 0)
+            if scheduler.total_steps <= warmup:  # a short (debug) run of a recipe: it ends inside the warm-up
+                rank_zero_warn(f"{type(scheduler).__name__}: the run has {scheduler.total_steps} optimizer steps, not more than "
+                               f"warmup_steps={warmup}: it ends inside the warm-up")
+                scheduler.total_steps = warmup + 1
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": getattr(scheduler, "interval", "epoch")}}
 
     # ------------------------------------------------------------------------------- evaluate
     def prepare_metrics(self, metrics: nn.Module, stage: str) -> None:
