@@ -131,6 +131,10 @@ class HFTextEncoder(nn.Module):
         # The tokenizer's own input names (DistilBERT takes no token_type_ids).
         names = set(getattr(self.tokenizer, "model_input_names", _MODEL_KEYS))
         self._input_keys = tuple(k for k in _MODEL_KEYS if k in names) or ("input_ids", "attention_mask")
+        # transformers' from_pretrained returns the model in eval mode; a new encoder is in training mode like any
+        # nn.Module (dropout on while fine-tuning, as sentence-transformers trains). Lightning does not switch modes
+        # at fit start: without this, every text run trained with dropout off.
+        self.train()
 
     @property
     def data_config(self) -> dict[str, Any]:

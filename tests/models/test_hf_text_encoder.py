@@ -82,6 +82,17 @@ def test_minilm_settings_follow_its_sentence_transformers_config() -> None:
     assert isinstance(enc.data_config["tokenizer"], str)
 
 
+def test_a_new_encoder_trains_with_dropout_and_encode_does_not() -> None:
+    enc = models.create_encoder("minilm-l6")  # a fresh build (minilm() caches eval-mode ones)
+    assert all(m.training for m in enc.modules()), "from_pretrained's eval mode leaked: fine-tuning would run without dropout"
+    batch = tokenize(enc, TEXTS)
+    torch.manual_seed(0)
+    a, b = enc(batch), enc(batch)
+    assert not torch.allclose(a, b)  # dropout (0.1 in MiniLM) is on
+    torch.testing.assert_close(enc.encode(TEXTS, batch_size=8), enc.encode(TEXTS, batch_size=2), rtol=0, atol=1e-5)
+    assert enc.training  # encode restores the mode
+
+
 def test_forward_on_collated_batch_equals_encode() -> None:
     enc = minilm()
     pipeline = TextInputs()
