@@ -66,6 +66,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from experiments.atomic import atomic_write
+
 FIRST = ("untrained", "file")
 QUERIES = ("all", "epoch")
 DISTANCES = ("cosine", "dot")
@@ -219,7 +221,7 @@ class ANNRefresh(L.Callback):
                 doc_emb = _encode(pl_module.documents, [corpus[i] for i in range(doc_lo, doc_hi)], dm.doc_collate_fn, batch_size,
                                   pl_module.device)
                 if cache_file is not None and trainer.global_step == 0:  # only the initial tower is shared across runs
-                    _save_atomic(cache_file, doc_emb)
+                    atomic_write(cache_file, lambda f: np.save(f, doc_emb), mode="wb")
             q_emb = _encode(pl_module.query_encoder, [split.queries[int(i)] for i in subset[q_lo:q_hi]], dm.query_collate_fn, batch_size,
                             pl_module.device)
         finally:
@@ -327,14 +329,6 @@ def _load_cached(path: str, n: int) -> np.ndarray | None:
     if emb.ndim != 2 or len(emb) != n:
         raise ValueError(f"ANNRefresh: cached corpus embeddings {path} have shape {emb.shape}; expected [{n}, D] (delete the file)")
     return emb
-
-
-def _save_atomic(path: str, emb: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, emb)
-    os.replace(tmp, path)
 
 
 def _block(n: int, rank: int, world: int) -> tuple[int, int]:
