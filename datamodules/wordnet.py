@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.query_doc import QueryDocData, QueryDocDataModule, QueryDocSplit
+from datamodules.query_doc import QueryDocDataModule
+from datamodules.query_doc_data import QueryDocData, QueryDocSplit
 
 DEBIAN_ROOT = "/usr/share/wordnet"
 HYPERNYM_POINTERS = ("@", "@i")

@@ -77,7 +77,7 @@ def embed_samples(
     """
     import torch
 
-    from datamodules.image_text import decode_image
+    from datamodules.image_text_items import decode_image
 
     if batch_size < 1:
         raise ValueError(f"embed_samples: batch_size must be >= 1, got {batch_size}")

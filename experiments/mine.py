@@ -11,7 +11,7 @@ and the train queries chunk by chunk; ``miners.mine_hard_negatives`` (sentence-t
 semantics, every option under the same name) mines each chunk against one faiss index of the corpus.
 
 Output: sentence-transformers' hard-negative JSONL (the format of ``msmarco-hard-negatives.jsonl``,
-read by ``datamodules.msmarco.read_st_hard_negatives``), one line per train query::
+read by ``datamodules.msmarco_files.read_st_hard_negatives``), one line per train query::
 
     {"qid": 1185869, "pos": [0], "neg": {"minilm-l6": [8213, 77, 5021]}}
 

@@ -5,7 +5,7 @@ The miners of this package pick negatives inside a batch (or a memory). This fil
 helper (``contracts.index``), its positives are removed, the candidates that are
 probably unlabelled positives are filtered out by their score, and ``num_negatives`` of the rest
 are kept. The result is a static candidate list per query, the input of the static-negative recipe
-of ``datamodules.query_doc`` (DPR, Karpukhin et al., EMNLP 2020, Sec. 3.2) and of ``hardneg mine``,
+of ``datamodules.query_doc_train`` (DPR, Karpukhin et al., EMNLP 2020, Sec. 3.2) and of ``hardneg mine``,
 which writes it in sentence-transformers' hard-negative JSONL.
 
 Semantics are those of ``sentence_transformers.util.mine_hard_negatives`` (v5.6+, checked against

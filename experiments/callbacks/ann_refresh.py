@@ -50,7 +50,7 @@ When: ``first="untrained"`` refreshes at fit start (before the first epoch's ite
 the initial model; ``first="file"`` trains the first ``every_n_epochs`` epochs on the DataModule's
 static candidates. Then every ``every_n_epochs`` epochs (at the epoch start, before Lightning creates
 the epoch's iterator, so the whole epoch uses the new lists) and/or every ``every_n_steps`` optimizer
-steps (the lists apply from the next batch the loader's sampler yields; see ``datamodules.query_doc``).
+steps (the lists apply from the next batch the loader's sampler yields; see ``datamodules.candidate_store``).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def _encode(encoder: nn.Module, texts: list[str], collate: Any, batch_size: int,
     """``[len(texts), D]`` float32 embeddings of ``texts`` tokenized by ``collate`` (a ``TokenizeCollate``),
     in the order of ``texts``. Batches are formed longest first, so that a batch pads to similar lengths
     (in a random order one long text pads 511 short ones: WordNet's corpus encodes several times slower)."""
-    from datamodules.query_doc import text_lengths
+    from datamodules.query_doc_data import text_lengths
     from lightning_modules.dual_encoder_module import tokens
 
     order = np.argsort(-text_lengths(texts), kind="stable")

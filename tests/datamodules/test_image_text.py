@@ -11,16 +11,12 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from PIL import Image
 
+from datamodules.caption_csv import read_caption_csv
 from datamodules.fashion_mnist import DEBIAN_ROOT
 from datamodules.fashion_scenes import CLASS_NAMES, generate_scenes
-from datamodules.image_text import (
-    ImageTextDataModule,
-    ShardStream,
-    expand_braces,
-    expand_shards,
-    read_caption_csv,
-    scan_shards,
-)
+from datamodules.image_text import ImageTextDataModule
+from datamodules.shard_stream import ShardStream
+from datamodules.webdataset_shards import expand_braces, expand_shards, scan_shards
 from tests.helpers import require_path
 
 L = 96  # tokens per text of the test tokenizer

@@ -18,17 +18,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from datamodules.id_lists import IdLists
 from datamodules.metadata import DatasetFormatError
-from datamodules.msmarco import (
-    IdLists,
-    MSMARCOPassageDataModule,
+from datamodules.msmarco import MSMARCOPassageDataModule, text_id
+from datamodules.msmarco_files import (
     read_qidpidtriples,
     read_qrels,
     read_queries,
     read_st_hard_negatives,
     read_tevatron,
     read_text_triples,
-    text_id,
 )
 from datamodules.text_collection import CACHE_SUFFIX, LazyTextCollection
 
@@ -246,7 +245,7 @@ def test_collection_reads_from_two_dataloader_workers(tmp_path):
 def test_index_and_int_table_across_block_boundaries(tmp_path, monkeypatch):
     """Tiny read blocks put line breaks, tabs and ids across block edges; compare with a line-by-line parse."""
     import datamodules.text_collection as tc
-    from datamodules import msmarco
+    from datamodules import msmarco_files
 
     rng = random.Random(1)
     ids = rng.sample(range(-50, 10**15), 300)
@@ -260,8 +259,8 @@ def test_index_and_int_table_across_block_boundaries(tmp_path, monkeypatch):
     assert c.offsets.tolist() == [0] + [k + 1 for k, b in enumerate(data) if b == 10]
     rows = [(rng.randrange(10**6), rng.randrange(10**7), rng.randrange(10**7)) for _ in range(200)]
     table = write(tmp_path / "t.tsv", ["\t".join(map(str, r)) for r in rows])
-    monkeypatch.setattr(msmarco, "BLOCK_BYTES", 11)
-    got = np.concatenate([block for _, block in msmarco.iter_int_rows(table, 3, "a b c")])
+    monkeypatch.setattr(msmarco_files, "BLOCK_BYTES", 11)
+    got = np.concatenate([block for _, block in msmarco_files.iter_int_rows(table, 3, "a b c")])
     assert got.tolist() == [list(r) for r in rows]
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import ClassBalancedBatchSampler, QueryDocData, QueryDocDataModule, QueryDocSplit, RandomBatchSampler, TextInputs
 from datamodules.inputs import TokenizeCollate
-from datamodules.query_doc import EpochBatchSampler, QueryDocTrainDataset
+from datamodules.query_doc_train import EpochBatchSampler, QueryDocTrainDataset
 
 CORPUS = [f"doc{i:02d} about {w}" for i, w in enumerate("ant bee cat dog eel fox gnu hen ibex jay kiwi lynx mole newt owl pig".split())]
 TRAIN_Q = [f"question {i}" for i in range(8)]

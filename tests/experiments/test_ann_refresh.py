@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.query_doc import QueryDocData
+from datamodules.query_doc_data import QueryDocData
 from experiments.callbacks.ann_refresh import ANNRefresh
 from lightning_modules.dual_encoder_module import DualEncoderModule
 from losses import CLIPLoss
@@ -258,7 +258,7 @@ class SmallWordNet:
 
         class Cut(WordNetGlossDataModule):
             def load_query_doc(self):
-                from datamodules.query_doc import QueryDocSplit
+                from datamodules.query_doc_data import QueryDocSplit
 
                 full = super().load_query_doc()
                 keep = [i for i, rel in enumerate(full.train.qrels) if max(rel) < n_docs][:200]

@@ -89,7 +89,7 @@ def test_mine_writes_the_functions_negatives_as_st_jsonl(tiny_bert, data_yaml, t
     assert f"{short:,} queries have fewer than 4 negatives" in capsys.readouterr().out
     assert not Path(str(out) + ".corpus.npy").exists(), "the corpus cache is removed once every query is done"
 
-    from datamodules.msmarco import read_st_hard_negatives
+    from datamodules.msmarco_files import read_st_hard_negatives
 
     lists = read_st_hard_negatives(out)
     for line in expected:

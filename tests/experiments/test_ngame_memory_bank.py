@@ -15,7 +15,7 @@ import torch
 
 from contracts.distances import CosineSimilarity
 from datamodules.ngame import NGAMEBatchSampler, balanced_kmeans
-from datamodules.query_doc import EpochBatchSampler
+from datamodules.query_doc_train import EpochBatchSampler
 from experiments.callbacks.ngame import NGAMEMemoryBank, find_batch_sampler
 from lightning_modules.dual_encoder_module import DualEncoderModule
 from losses import TripletMarginLoss
