@@ -6,6 +6,9 @@ labels, and the gradient of the gathered tensor flows back to the rank that prod
 and DDP averages gradients over ranks, each rank's local slice must receive the *sum* of the
 gradients that all ranks computed for it; DDP's gradient averaging then divides by the world
 size. The result equals one process on the concatenated batch.
+
+``rank_world`` and ``rank_sizes`` say where this rank's rows sit in a gathered tensor (the shared
+training step and its relevance masks offset by them).
 """
 
 from __future__ import annotations
@@ -69,3 +72,15 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
     dist.all_gather(out, padded.contiguous())
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` on one process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
+
+
+def rank_sizes(n: int, device: torch.device) -> list[int]:
+    """Rows of every rank (rank order)."""
+    if not dist_ready():
+        return [n]
+    return [int(s) for s in all_gather_no_grad(torch.tensor([n], device=device))]

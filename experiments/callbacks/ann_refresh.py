@@ -36,10 +36,9 @@ Cost controls (neither changes which negatives a query gets):
 - ``queries="epoch"`` refreshes only the train queries the coming epoch's batches draw (on any rank),
   read from the DataModule's seeded batch sampler; the other queries' lists would be replaced before
   they are used. A 40-step run over 65k WordNet queries encodes 1,280 of them instead of 65,691.
-- ``corpus_cache=<dir>`` keeps the corpus embeddings of a document tower on disk under a fingerprint
-  of its weights, the shard and the tokenizer settings, and reads them back when an identical tower
-  asks again: every run of a grid that starts from the same checkpoint encodes the corpus for its
-  first refresh once, not once per run. Later refreshes (a trained tower) miss and are not written.
+- ``corpus_cache=<dir>`` keeps the initial document tower's corpus embeddings on disk and reads them
+  back when an identical tower asks again (``experiments.callbacks.corpus_cache``): every run of a grid
+  that starts from the same checkpoint encodes the corpus for its first refresh once, not once per run.
 
 Resuming: the candidate lists are not in the checkpoint (for MS MARCO they would add a gigabyte to
 every checkpoint); the refresh history is. A run resumed after a refresh had happened (or with
@@ -55,7 +54,6 @@ steps (the lists apply from the next batch the loader's sampler yields; see ``da
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -66,7 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from experiments.atomic import atomic_write
+from experiments.callbacks.corpus_cache import corpus_cache_file, load_cached, save_cached
 
 FIRST = ("untrained", "file")
 QUERIES = ("all", "epoch")
@@ -214,14 +212,13 @@ class ANNRefresh(L.Callback):
         try:
             doc_emb, cache_file = None, None
             if self.corpus_cache is not None:
-                cache_file = os.path.join(self.corpus_cache, f"corpus-{_fingerprint(pl_module.documents, dm.doc_collate_fn, n_docs)}"
-                                                             f"-{doc_lo}-{doc_hi}.npy")
-                doc_emb = _load_cached(cache_file, doc_hi - doc_lo)
+                cache_file = corpus_cache_file(self.corpus_cache, pl_module.documents, dm.doc_collate_fn, n_docs, doc_lo, doc_hi)
+                doc_emb = load_cached(cache_file, doc_hi - doc_lo)
             if doc_emb is None:
                 doc_emb = _encode(pl_module.documents, [corpus[i] for i in range(doc_lo, doc_hi)], dm.doc_collate_fn, batch_size,
                                   pl_module.device)
                 if cache_file is not None and trainer.global_step == 0:  # only the initial tower is shared across runs
-                    atomic_write(cache_file, lambda f: np.save(f, doc_emb), mode="wb")
+                    save_cached(cache_file, doc_emb)
             q_emb = _encode(pl_module.query_encoder, [split.queries[int(i)] for i in subset[q_lo:q_hi]], dm.query_collate_fn, batch_size,
                             pl_module.device)
         finally:
@@ -307,28 +304,6 @@ def _epoch_rows(dm: Any, epoch: int, world: int) -> np.ndarray:
         sampler.set_epoch(epoch)
     rows = np.unique(np.fromiter((int(i) for batch in sampler for i in batch), dtype=np.int64))
     return np.unique(_all_gather_rows(rows, world)) if world > 1 else rows
-
-
-def _fingerprint(encoder: nn.Module, collate: Any, n_docs: int) -> str:
-    """A hash of the tower's parameters and buffers, the tokenizer settings and the corpus size."""
-    import hashlib
-
-    h = hashlib.sha256(f"{n_docs}".encode())
-    for name, tensor in encoder.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    settings = {k: v for k, v in sorted(vars(collate).items()) if isinstance(v, (int, float, str, bool, type(None)))} if hasattr(collate, "__dict__") else {}
-    h.update(repr(settings).encode())
-    return h.hexdigest()[:20]
-
-
-def _load_cached(path: str, n: int) -> np.ndarray | None:
-    if not os.path.exists(path):
-        return None
-    emb = np.load(path)
-    if emb.ndim != 2 or len(emb) != n:
-        raise ValueError(f"ANNRefresh: cached corpus embeddings {path} have shape {emb.shape}; expected [{n}, D] (delete the file)")
-    return emb
 
 
 def _block(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -11,10 +11,12 @@ Files, one concept each:
 - :mod:`.embedding_store`, :mod:`.retrieval_metric`, :mod:`.query_gallery`: the torchmetrics
   ``Metric`` classes ``RetrievalMetrics`` (a set against itself: CUB, Cars, SOP) and
   ``QueryGalleryRetrievalMetrics`` (In-Shop).
-- :mod:`.ranking`: ``ranking_metrics`` and ``RankingMetrics``: MRR@10, nDCG@10, Recall@K, R@1 of
-  query -> document retrieval (pytrec_eval's definitions), the corpus sharded across ranks.
+- :mod:`.ranking`: ``ranking_metrics``: MRR@10, nDCG@10, Recall@K, R@1 of query -> document
+  retrieval (pytrec_eval's definitions), the pure function and its driver.
+- :mod:`.ranking_metric`: ``RankingMetrics``, the same as a ``Metric`` with the corpus sharded across ranks.
 - :mod:`.image_text`: image <-> text Recall@K with several captions per image (clip_benchmark's
-  rule) and zero-shot classification accuracy, as functions and ``Metric`` classes.
+  rule), as a function and a ``Metric`` class.
+- :mod:`.zero_shot`: CLIP's zero-shot classification accuracy, as a function and a ``Metric`` class.
 - :mod:`.compositional`: SugarCrepe / SugarCrepe++ scores and text -> image negative-image accuracy.
 
 Names are loaded on first use, so ``contracts.index`` does not import torchmetrics.
@@ -36,12 +38,12 @@ _EXPORTS = {
     "kmeans": "contracts.index",
     "sharded_search": "sharded",
     "ranking_metrics": "ranking",
-    "RankingMetrics": "ranking",
+    "RankingMetrics": "ranking_metric",
     "image_text_retrieval": "image_text",
-    "zero_shot_accuracy": "image_text",
-    "zero_shot_classifier": "image_text",
+    "zero_shot_accuracy": "zero_shot",
+    "zero_shot_classifier": "zero_shot",
     "ImageTextRetrievalMetrics": "image_text",
-    "ZeroShotAccuracy": "image_text",
+    "ZeroShotAccuracy": "zero_shot",
     "sugarcrepe_accuracy": "compositional",
     "sugarcrepe_pp_scores": "compositional",
     "negative_image_accuracy": "compositional",

@@ -129,3 +129,10 @@ def positions(order: Tensor, n: int) -> np.ndarray:
     pos = np.full(n, -1, dtype=np.int64)
     pos[order.numpy()] = np.arange(len(order))
     return pos
+
+
+def cat_long_state(state: list[Tensor] | Tensor, device: torch.device) -> Tensor:
+    """A ``cat`` list state as one long tensor (empty when nothing was added)."""
+    if isinstance(state, list):
+        return dim_zero_cat(state).long() if state else torch.empty(0, dtype=torch.long, device=device)
+    return state.long()

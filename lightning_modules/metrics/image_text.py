@@ -1,31 +1,25 @@
-"""Image<->text retrieval Recall@K and zero-shot classification accuracy of a CLIP-style model.
+"""Image<->text retrieval Recall@K of a CLIP-style model, as a function and a torchmetrics ``Metric``.
 
-Two pure functions for embeddings in memory and their torchmetrics ``Metric`` classes (DDP-synced,
-padding duplicates dropped by dataset index):
-
-- :func:`image_text_retrieval` / :class:`ImageTextRetrievalMetrics`: the zero-shot retrieval
-  protocol of CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
-  Supervision", ICML 2021; zero-shot retrieval on MS-COCO / Flickr30k), as clip_benchmark
-  computes it. Each image has one or more captions (COCO: 5). ``t2i_r@K`` (text -> image): the
-  fraction of captions whose image is among the K images nearest to the caption. ``i2t_r@K``
-  (image -> text): the fraction of images for which *any* of their captions is among the K texts
-  nearest to the image (equivalently, the best-ranked own caption has rank <= K).
-- :func:`zero_shot_accuracy` / :class:`ZeroShotAccuracy`: top-K accuracy of the zero-shot
-  classifier of CLIP (Sec. 3.1.2): each class is the L2-normalised mean of its L2-normalised
-  prompt embeddings ("A photo of a {c}." and the other templates, Sec. 3.1.4 "prompt
-  ensembling"), and an image is assigned the classes of highest cosine similarity.
+:func:`image_text_retrieval` (embeddings in memory) and :class:`ImageTextRetrievalMetrics`
+(DDP-synced, padding duplicates dropped by dataset index) implement the zero-shot retrieval protocol
+of CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+ICML 2021; zero-shot retrieval on MS-COCO / Flickr30k), as clip_benchmark computes it. Each image has
+one or more captions (COCO: 5). ``t2i_r@K`` (text -> image): the fraction of captions whose image is
+among the K images nearest to the caption. ``i2t_r@K`` (image -> text): the fraction of images for
+which *any* of their captions is among the K texts nearest to the image (equivalently, the
+best-ranked own caption has rank <= K). Zero-shot classification accuracy, the other CLIP
+evaluation, is :mod:`~lightning_modules.metrics.zero_shot`.
 
 Similarity is the cosine: every embedding is L2-normalised inside, chunk by chunk, on the shared
 faiss helper (:mod:`~contracts.index`, through
 :func:`~lightning_modules.metrics.sharded.iter_sharded_search`), so no ``[I, T]`` similarity matrix
 is ever held: memory is the index plus ``O(chunk_size * (D + K))``. Ties between references are
-broken by the lower reference id (faiss' order), i.e. by dataset index in the Metric classes.
+broken by the lower reference id (faiss' order), i.e. by dataset index in the Metric class.
 
 Under DDP, :class:`ImageTextRetrievalMetrics` keeps each rank's image and text embeddings on that
 rank (the shards of a sharded search, as :class:`~lightning_modules.metrics.RetrievalMetrics`);
 only dataset indices (a few bytes per row) are all-gathered, and the hit counts are summed across
-ranks. :class:`ZeroShotAccuracy` needs no embedding at all after ``update``: it stores the rank of
-the true class of each image and lets torchmetrics concatenate those.
+ranks.
 """
 
 from __future__ import annotations
@@ -37,23 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from contracts.index import DEFAULT_CHUNK, ArrayLike, IndexKind, as_float32, search
-from lightning_modules.metrics.embedding_store import first_per_key
-from lightning_modules.metrics.inputs import as_embeddings, as_tensor, check_ks, describe
+from contracts.index import DEFAULT_CHUNK, ArrayLike, IndexKind
+from lightning_modules.metrics.embedding_store import cat_long_state, first_per_key
+from lightning_modules.metrics.inputs import as_embeddings, as_index, check_batch, check_batch_index, check_chunk, check_ks
 from lightning_modules.metrics.sharded import comm_device, distributed_world, iter_sharded_search
 
 RETRIEVAL_KS = (1, 5, 10)
-ZERO_SHOT_KS = (1, 5)
-
-
-# --------------------------------------------------------------------------------------------------
-# image <-> text retrieval
 
 
 def image_text_retrieval(
@@ -83,12 +71,12 @@ def image_text_retrieval(
         images), for every K.
     """
     ks = check_ks(ks)
-    _check_chunk(chunk_size)
+    check_chunk(chunk_size)
     images = as_embeddings(image_emb, "image_emb")
     texts = as_embeddings(text_emb, "text_emb")
     if texts.shape[1] != images.shape[1]:
         raise ValueError(f"text_emb has dimension {texts.shape[1]} but image_emb has {images.shape[1]}; expected the same")
-    targets = _as_index(text_to_image, "text_to_image", len(texts), "text_emb").numpy()
+    targets = as_index(text_to_image, "text_to_image", len(texts), "text_emb").numpy()
     n_images, n_texts = len(images), len(texts)
     if targets.max() >= n_images:
         bad = np.flatnonzero(targets >= n_images)
@@ -142,7 +130,7 @@ class ImageTextRetrievalMetrics(Metric):
             kwargs["sync_on_compute"] = False
         super().__init__(**kwargs)
         self.ks = check_ks(ks)
-        _check_chunk(chunk_size)
+        check_chunk(chunk_size)
         self.chunk_size = chunk_size
         self.index_kind = index
         self.sharded = sharded
@@ -164,14 +152,14 @@ class ImageTextRetrievalMetrics(Metric):
             raise ValueError(f"{owner}.update: pass image_emb (with image_index) or text_emb (with text_index and text_to_image)")
         add: list[tuple[list, Tensor]] = []  # checked first, stored after: a bad argument adds nothing
         if image_emb is not None:
-            emb = _check_batch(image_emb, owner, "image_emb")
+            emb = check_batch(image_emb, owner, "image_emb")
             add += [(self.image_emb, emb),
-                    (self.image_index, _check_batch_index(image_index, len(emb), owner, "image_index", "image_emb").to(emb.device))]
+                    (self.image_index, check_batch_index(image_index, len(emb), owner, "image_index", "image_emb").to(emb.device))]
         if text_emb is not None:
-            emb = _check_batch(text_emb, owner, "text_emb")
+            emb = check_batch(text_emb, owner, "text_emb")
             add += [(self.text_emb, emb),
-                    (self.text_index, _check_batch_index(text_index, len(emb), owner, "text_index", "text_emb").to(emb.device)),
-                    (self.text_image, _check_batch_index(text_to_image, len(emb), owner, "text_to_image", "text_emb").to(emb.device))]
+                    (self.text_index, check_batch_index(text_index, len(emb), owner, "text_index", "text_emb").to(emb.device)),
+                    (self.text_image, check_batch_index(text_to_image, len(emb), owner, "text_to_image", "text_emb").to(emb.device))]
         for state, value in add:
             state.append(value)
 
@@ -186,8 +174,8 @@ class ImageTextRetrievalMetrics(Metric):
     def compute(self) -> dict[str, float]:
         owner = type(self).__name__
         world = distributed_world(self.process_group) if self.sharded else 1
-        img_emb, img_idx = _local_emb(self.image_emb, self.device), _local(self.image_index, self.device)
-        txt_emb, txt_idx, txt_img = _local_emb(self.text_emb, self.device), _local(self.text_index, self.device), _local(self.text_image, self.device)
+        img_emb, img_idx = _local_emb(self.image_emb, self.device), cat_long_state(self.image_index, self.device)
+        txt_emb, txt_idx, txt_img = _local_emb(self.text_emb, self.device), cat_long_state(self.text_index, self.device), cat_long_state(self.text_image, self.device)
         img_all, img_mine = _gather(img_idx, world, self.process_group)
         txt_all, txt_mine = _gather(txt_idx, world, self.process_group)
         txt_img_all, _ = _gather(txt_img, world, self.process_group)
@@ -274,166 +262,6 @@ def _check_every_image_captioned(image_ids: np.ndarray, targets: np.ndarray, wha
             f"{int(lonely.sum())} images have no caption ({what} {shown}{' ...' if lonely.sum() > 10 else ''}); "
             "image->text recall needs at least one caption per image"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# zero-shot classification
-
-
-def zero_shot_classifier(class_emb: ArrayLike) -> Tensor:
-    """CLIP's zero-shot classifier weights ``[C, D]`` float32 from class prompt embeddings.
-
-    ``class_emb`` is ``[C, D]`` (one prompt per class) or ``[C, P, D]`` (P prompts per class, the
-    prompt ensemble of Radford et al. 2021, Sec. 3.1.4): each prompt embedding is L2-normalised,
-    the P of a class averaged and the mean L2-normalised again (in float64).
-    """
-    t = as_tensor(class_emb, "class_emb")
-    if t.dim() not in (2, 3) or not t.is_floating_point() or 0 in t.shape:
-        raise ValueError(f"class_emb must be a non-empty float array [C, D] or [C, P, D] (P prompts per class), got {describe(t)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError("class_emb has NaN or Inf values")
-    w = F.normalize(t.double(), dim=-1)
-    if w.dim() == 3:
-        w = F.normalize(w.mean(dim=1), dim=-1)
-    return w.float()
-
-
-def zero_shot_accuracy(
-    image_emb: ArrayLike,
-    class_emb: ArrayLike,
-    labels: ArrayLike,
-    ks: Sequence[int] = ZERO_SHOT_KS,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> dict[str, float]:
-    """Top-K accuracy of CLIP's zero-shot classifier (cosine similarity, prompt ensembles averaged).
-
-    Args:
-        image_emb: ``[N, D]`` image embeddings.
-        class_emb: ``[C, D]`` or ``[C, P, D]`` class prompt embeddings (see :func:`zero_shot_classifier`).
-        labels: ``[N]`` integer class of each image, in ``0 .. C - 1``.
-        ks: the K of top-K accuracy; a K of at least C counts every image as correct.
-
-    Returns:
-        Python floats ``acc@K`` for every K.
-    """
-    ks = check_ks(ks)
-    _check_chunk(chunk_size)
-    images = as_embeddings(image_emb, "image_emb")
-    classifier = zero_shot_classifier(class_emb)
-    labels_t = _as_index(labels, "labels", len(images), "image_emb")
-    ranks = _true_class_rank(images, classifier, labels_t, max(ks), chunk_size, "zero_shot_accuracy")
-    return {f"acc@{k}": float((ranks < k).double().mean()) for k in ks}
-
-
-class ZeroShotAccuracy(Metric):
-    """:func:`zero_shot_accuracy` accumulated over batches and synced across DDP ranks.
-
-    Usage: ``metric.set_classifier(class_emb)`` once (``[C, D]`` or ``[C, P, D]``; kept across
-    ``reset()``), then ``metric.update(emb, labels, index=None)`` per batch and ``metric.compute()``.
-    Every rank must set the same classifier. ``update`` ranks the classes for the batch at once and
-    keeps only the rank of the true class (one integer per image), so nothing large is stored or
-    synced. Pass ``index`` (dataset indices ``[B]``) in every update to drop the rows
-    ``DistributedSampler`` repeats to pad the last shard (first gathered row per index kept).
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, ks: Sequence[int] = ZERO_SHOT_KS, chunk_size: int = DEFAULT_CHUNK, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.ks = check_ks(ks)
-        _check_chunk(chunk_size)
-        self.chunk_size = chunk_size
-        self.classifier: Tensor | None = None
-        self.add_state("rank", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-
-    def set_classifier(self, class_emb: ArrayLike) -> None:
-        """Set the class embeddings ``[C, D]`` or ``[C, P, D]`` (normalised, prompts averaged)."""
-        self.classifier = zero_shot_classifier(class_emb)
-
-    def update(self, emb: Tensor, labels: Tensor, index: Tensor | None = None) -> None:
-        """Add a batch: ``emb: [B, D]``, ``labels: [B]`` classes, optional ``index: [B]`` dataset indices."""
-        owner = type(self).__name__
-        if self.classifier is None:
-            raise ValueError(f"{owner}.update: call set_classifier(class_emb) before update")
-        emb = _check_batch(emb, owner, "emb")
-        labels_t = _check_batch_index(labels, len(emb), owner, "labels", "emb")
-        if self.rank and (index is None) != (len(self.index) == 0):
-            raise ValueError(f"{owner}.update: pass index in every update or in none")
-        ranks = _true_class_rank(emb, self.classifier, labels_t.cpu(), max(self.ks), self.chunk_size, f"{owner}.update")
-        self.rank.append(ranks.to(emb.device))
-        if index is not None:
-            self.index.append(_check_batch_index(index, len(emb), owner, "index", "emb").to(emb.device))
-
-    def compute(self) -> dict[str, float]:
-        ranks = _local(self.rank, self.device).cpu()
-        index = _local(self.index, self.device).cpu()
-        if len(ranks) == 0:
-            raise ValueError(f"{type(self).__name__}.compute() called before any update()")
-        if len(index):
-            if len(index) != len(ranks):
-                raise ValueError(f"{type(self).__name__}: some ranks passed index and some did not; pass it everywhere")
-            ranks = ranks[first_per_key(index.long())]
-        return {f"acc@{k}": float((ranks < k).double().mean()) for k in self.ks}
-
-
-def _true_class_rank(images: Tensor, classifier: Tensor, labels: Tensor, k_max: int, chunk_size: int, where: str) -> Tensor:
-    """``[N]`` long: 0-based rank of each image's true class among the classes by cosine (``k_max`` when
-    it is not among the first ``min(k_max, C)``)."""
-    n_classes = len(classifier)
-    if images.shape[1] != classifier.shape[1]:
-        raise ValueError(f"{where}: image embeddings have dimension {images.shape[1]} but class_emb has {classifier.shape[1]}")
-    if len(labels) and (int(labels.max()) >= n_classes):
-        raise ValueError(f"{where}: label {int(labels.max())} is not a class of class_emb (C = {n_classes}); expected 0 .. {n_classes - 1}")
-    k = min(k_max, n_classes)
-    _, ids = search(as_float32(images, normalize=True), classifier.numpy(), k, metric="ip", chunk=chunk_size)
-    hit = ids == labels.numpy()[:, None]
-    return torch.from_numpy(np.where(hit.any(axis=1), hit.argmax(axis=1), k_max)).long()
-
-
-# --------------------------------------------------------------------------------------------------
-# shared checks and state handling
-
-
-def _check_chunk(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-
-
-def _as_index(x: Any, name: str, n: int, emb_name: str) -> Tensor:
-    t = as_tensor(x, name)
-    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer array [N], got {describe(t)}")
-    if len(t) != n:
-        raise ValueError(f"{name} has {len(t)} entries but {emb_name} has {n} rows; expected one per row")
-    if len(t) and int(t.min()) < 0:
-        raise ValueError(f"{name} has negative entries (first at position {int((t < 0).nonzero()[0])}); expected indices >= 0")
-    return t.long()
-
-
-def _check_batch(emb: Any, owner: str, name: str) -> Tensor:
-    if not isinstance(emb, Tensor) or emb.dim() != 2 or not emb.is_floating_point():
-        got = describe(emb) if isinstance(emb, Tensor) else type(emb).__name__
-        raise ValueError(f"{owner}.update: {name} must be a floating-point tensor [B, D], got {got}")
-    return emb.detach()
-
-
-def _check_batch_index(x: Any, n: int, owner: str, name: str, emb_name: str) -> Tensor:
-    if not isinstance(x, Tensor) or x.dim() != 1 or x.is_floating_point() or x.dtype == torch.bool or len(x) != n:
-        got = describe(x) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{owner}.update: {name} must be an integer tensor [B] with B = {n} (one per row of {emb_name}), got {got}")
-    if n and int(x.min()) < 0:
-        raise ValueError(f"{owner}.update: {name} has negative entries; expected dataset indices >= 0")
-    return x.detach().long()
-
-
-def _local(state: list[Tensor] | Tensor, device: torch.device) -> Tensor:
-    """A ``cat`` list state as one long tensor (empty when nothing was added)."""
-    if isinstance(state, list):
-        return dim_zero_cat(state).long() if state else torch.empty(0, dtype=torch.long, device=device)
-    return state.long()
 
 
 def _local_emb(state: list[Tensor] | Tensor, device: torch.device) -> Tensor:

@@ -74,3 +74,35 @@ def check_update(emb: Tensor, labels: Tensor, index: Tensor | None, owner: str) 
         not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point() or len(index) != len(emb)
     ):
         raise ValueError(f"{owner}.update: index must be an integer tensor [B] with B = {len(emb)} (one per embedding)")
+
+
+def check_chunk(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def as_index(x: Any, name: str, n: int, emb_name: str) -> Tensor:
+    t = as_tensor(x, name)
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer array [N], got {describe(t)}")
+    if len(t) != n:
+        raise ValueError(f"{name} has {len(t)} entries but {emb_name} has {n} rows; expected one per row")
+    if len(t) and int(t.min()) < 0:
+        raise ValueError(f"{name} has negative entries (first at position {int((t < 0).nonzero()[0])}); expected indices >= 0")
+    return t.long()
+
+
+def check_batch(emb: Any, owner: str, name: str) -> Tensor:
+    if not isinstance(emb, Tensor) or emb.dim() != 2 or not emb.is_floating_point():
+        got = describe(emb) if isinstance(emb, Tensor) else type(emb).__name__
+        raise ValueError(f"{owner}.update: {name} must be a floating-point tensor [B, D], got {got}")
+    return emb.detach()
+
+
+def check_batch_index(x: Any, n: int, owner: str, name: str, emb_name: str) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() != 1 or x.is_floating_point() or x.dtype == torch.bool or len(x) != n:
+        got = describe(x) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{owner}.update: {name} must be an integer tensor [B] with B = {n} (one per row of {emb_name}), got {got}")
+    if n and int(x.min()) < 0:
+        raise ValueError(f"{owner}.update: {name} has negative entries; expected dataset indices >= 0")
+    return x.detach().long()

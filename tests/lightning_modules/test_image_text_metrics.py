@@ -12,13 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from lightning_modules.metrics.image_text import (
-    ImageTextRetrievalMetrics,
-    ZeroShotAccuracy,
-    image_text_retrieval,
-    zero_shot_accuracy,
-    zero_shot_classifier,
-)
+from lightning_modules.metrics.image_text import ImageTextRetrievalMetrics, image_text_retrieval
+from lightning_modules.metrics.zero_shot import ZeroShotAccuracy, zero_shot_accuracy, zero_shot_classifier
 from tests.helpers import gloo_group
 
 KS = (1, 2, 5, 10, 500)

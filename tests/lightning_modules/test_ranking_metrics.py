@@ -12,7 +12,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lightning_modules.metrics.ranking import RankingMetrics, RowChunks, ranking_metrics
+from lightning_modules.metrics.ranking import ranking_metrics
+from lightning_modules.metrics.ranking_metric import RankingMetrics, RowChunks
 from tests.helpers import gloo_group, oracle
 
 KS = (10, 100, 1000)

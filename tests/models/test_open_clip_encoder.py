@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 import models.clip_presets  # registers the image-text presets
 from models.lite0_weights import load_lite0_weights
-from models.open_clip_encoder import OpenCLIPEncoder, OpenCLIPTokenizer, register_model_cfg
+from models.open_clip_config import register_model_cfg
+from models.open_clip_encoder import OpenCLIPEncoder
+from models.open_clip_tokenizer import OpenCLIPTokenizer
 from models.registry import create_encoder, get_preset_info, list_encoders
 from models.timm_encoder import PretrainedWeightsUnavailable
 from tests.helpers import oracle
