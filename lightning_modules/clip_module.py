@@ -47,6 +47,11 @@ class CLIPModule(EmbeddingModule):
         grad_cache_chunk_size: gradient caching of both towers (``losses.GradCache``).
         eval_ks: Recall@K of image <-> text retrieval; zero-shot accuracy at 1 and 5 when the
             DataModule gives class names.
+        no_weight_decay: ``None`` (default: every parameter decayed, one group) or a rule of
+            ``lightning_modules.param_groups``: ``"norm_bias"`` exempts biases, norm gains and the
+            ``logit_scale``/``logit_bias`` scalars, the partition of open_clip's training
+            (``open_clip_train/main.py``); ``"norm_bias+model"`` also the position embeddings and
+            class token the open_clip model lists in ``no_weight_decay()`` (timm's optimizer factory).
 
     After every optimiser step the logit scale is clamped to ``[0, ln 100]``, as open_clip's
     training does. Mixed precision: ``Trainer(precision="bf16-mixed")`` runs the towers under
@@ -68,6 +73,7 @@ class CLIPModule(EmbeddingModule):
         gather: bool | str = "local",
         grad_cache_chunk_size: int | None = None,
         eval_ks: tuple[int, ...] = (1, 5, 10),
+        no_weight_decay: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss", "optimizer", "scheduler"])
@@ -79,7 +85,7 @@ class CLIPModule(EmbeddingModule):
             if not hasattr(model, name):
                 raise TypeError(f"CLIPModule: the model ({type(model).__name__}) has no {name}; use models.OpenCLIPEncoder or give it one")
         self.model = model
-        self.init_core(loss, None, None, gather, optimizer, scheduler, None, False, grad_cache_chunk_size)
+        self.init_core(loss, None, None, gather, optimizer, scheduler, None, False, grad_cache_chunk_size, no_weight_decay=no_weight_decay)
 
     def make_step(self, loss: nn.Module, miner: nn.Module | None, mixer: nn.Module | None, gather: str) -> EmbeddingStep:
         return EmbeddingStep(loss, gather=gather)

@@ -56,7 +56,8 @@ class DualEncoderModule(EmbeddingModule):
         temperature: the softmax temperature of a two-view loss (0.05: sentence-transformers' scale 20).
         learn_temperature: learn it (as CLIP's ``logit_scale``, clamped to ``max_logit_scale``).
         gather, distance, allow_distance_mismatch, grad_cache_chunk_size, optimizer, scheduler,
-            loss_lr: as ``MetricLearningModule``. ``gather="local"`` is exact for a two-view loss
+            loss_lr, no_weight_decay: as ``MetricLearningModule`` (a learned temperature, a scalar, is
+            exempt under a ``no_weight_decay`` rule). ``gather="local"`` is exact for a two-view loss
             (a mean over rows); "global" for any loss.
         eval_ks: Recall@K cut-offs of validation and test (``RankingMetrics``; MRR@10 and nDCG@10 always).
         eval_distance: "cosine" or "dot" for the evaluation search.
@@ -109,6 +110,7 @@ class DualEncoderModule(EmbeddingModule):
         teacher: nn.Module | None = None,
         distillation_loss: nn.Module | None = None,
         distillation_weight: float = 1.0,
+        no_weight_decay: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -150,7 +152,8 @@ class DualEncoderModule(EmbeddingModule):
             if not isinstance(dim, int):
                 raise ValueError(f"DualEncoderModule: memory_size needs the encoder's embed_dim; {type(query_encoder).__name__} has none")
             self._memory = CrossBatchMemory(nn.Identity(), embedding_size=dim, memory_size=memory_size)  # storage only
-        self.init_core(loss, miner, mixer, gather, optimizer, scheduler, distance, allow_distance_mismatch, grad_cache_chunk_size)
+        self.init_core(loss, miner, mixer, gather, optimizer, scheduler, distance, allow_distance_mismatch, grad_cache_chunk_size,
+                       no_weight_decay=no_weight_decay)
 
     def make_step(self, loss: nn.Module, miner: nn.Module | None, mixer: nn.Module | None, gather: str) -> EmbeddingStep:
         return EmbeddingStep(loss, miner=miner, memory=self._memory, mixer=mixer, gather=gather)

@@ -9,7 +9,10 @@ text, ``CLIPModule`` for image-text) is its encoders plus a configuration of the
   Lightning's manual optimisation keeping what automatic optimisation does (see
   ``MetricLearningModule``'s docstring), and ``after_optimizer_step`` (e.g. CLIP's logit-scale clamp)
   on both paths;
-- the optimizer/scheduler factories with the loss's own parameters in their own group;
+- the optimizer/scheduler factories with the loss's own parameters in their own group (``loss_lr``)
+  and, with ``no_weight_decay``, biases, norm gains and scalars (``logit_scale``) in groups with
+  ``weight_decay = 0`` (``lightning_modules.param_groups``: open_clip's, the transformers Trainer's
+  and timm's practice);
 - the evaluation bookkeeping: ``make_metrics`` at setup, ``compute``/``log``/``reset`` at epoch end.
 
 A subclass implements the hooks: ``embed(batch)`` (the step's inputs; default: the embeddings of
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contracts.distances import BaseDistance
+from lightning_modules.param_groups import check_no_weight_decay_rule, model_no_weight_decay, weight_decay_groups
 from lightning_modules.step import EmbeddingStep
 from losses.grad_cache import GradCache
 from losses.shared_distance import check_distances, share_distance
@@ -65,8 +69,10 @@ class EmbeddingModule(L.LightningModule):
         distance: BaseDistance | None,
         allow_distance_mismatch: bool,
         grad_cache_chunk_size: int | None,
+        no_weight_decay: str | None = None,
     ) -> None:
         """Build the step and the training machinery (call from the subclass's ``__init__``)."""
+        self.no_weight_decay_rule = check_no_weight_decay_rule(no_weight_decay)
         if grad_cache_chunk_size is not None and mixer is not None and hasattr(mixer, "embed"):
             raise ValueError(
                 f"grad_cache_chunk_size={grad_cache_chunk_size}: {type(mixer).__name__} re-embeds the batch inside the step "
@@ -210,13 +216,33 @@ class EmbeddingModule(L.LightningModule):
                 optimizer, gradient_clip_val=self.trainer.gradient_clip_val, gradient_clip_algorithm=self.trainer.gradient_clip_algorithm
             )
 
-    def configure_optimizers(self) -> Any:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the module's trainable parameters, then the loss's own
+        (proxies, a learned margin or temperature) with ``loss_lr``; each parameter once.
+
+        ``no_weight_decay=None``: one group each, decayed as the optimizer says. A rule
+        (``lightning_modules.param_groups``) splits each of the two into a decayed group and one with
+        ``weight_decay = 0``, by the same rule: a loss's scalar temperature or per-class margin is
+        exempt like CLIP's ``logit_scale``, while proxies (``[C, D]``, weight-like) stay decayed, as in
+        Proxy-Anchor's reference training (tjddus9597/Proxy-Anchor-CVPR2020 ``code/train.py``: the
+        proxies' group takes the optimizer's ``weight_decay``).
+        """
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         loss_ids = {id(p) for p in loss_params}
-        groups: list[dict[str, Any]] = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in loss_ids]}]
-        if loss_params:
-            groups.append({"params": loss_params, **({"lr": self.hparams.loss_lr} if self.hparams.loss_lr else {})})
-        optimizer = self.optimizer_factory(groups)
+        loss_options = {"lr": self.hparams.loss_lr} if self.hparams.get("loss_lr") else {}
+        rule = self.no_weight_decay_rule
+        if rule is None:
+            groups: list[dict[str, Any]] = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in loss_ids]}]
+            if loss_params:
+                groups.append({"params": loss_params, **loss_options})
+            return groups
+        named = list(self.named_parameters())
+        exclude = model_no_weight_decay(self) if rule == "norm_bias+model" else ()
+        return (weight_decay_groups([(n, p) for n, p in named if id(p) not in loss_ids], exclude)
+                + weight_decay_groups([(n, p) for n, p in named if id(p) in loss_ids], exclude, **loss_options))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

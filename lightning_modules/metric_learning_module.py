@@ -34,6 +34,14 @@ class MetricLearningModule(EmbeddingModule):
         scheduler: a callable taking the optimizer, stepped every epoch.
         loss_lr: learning rate of the loss's own parameters (proxy-based losses use ~100x the
             encoder's); ``None``: the optimizer's default.
+        no_weight_decay: which parameters the optimizer's weight decay leaves alone
+            (``lightning_modules.param_groups``): ``None`` (default) none, one group decayed as the
+            optimizer says; ``"norm_bias"`` biases, norm gains/shifts and scalars (every tensor with
+            ``ndim < 2``: open_clip's training, the transformers Trainer, sentence-transformers);
+            ``"norm_bias+model"`` also the names the modules' ``no_weight_decay()`` list (timm's
+            ``create_optimizer_v2``: ViT position embeddings, class tokens). The exempt tensors go to
+            groups with ``weight_decay = 0``; the loss's own parameters follow the same rule in their
+            ``loss_lr`` groups (a scalar temperature is exempt, ``[C, D]`` proxies are decayed).
         gather: how the step gathers across DDP ranks: ``True``/"global" (every rank computes the
             loss on the global batch), "local" (this rank's rows against the global batch, open_clip's
             ``local_loss``), ``False``/"none" (per-rank mining and loss).
@@ -99,11 +107,13 @@ class MetricLearningModule(EmbeddingModule):
         distance: BaseDistance | None = None,
         allow_distance_mismatch: bool = False,
         grad_cache_chunk_size: int | None = None,
+        no_weight_decay: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "loss", "miner", "optimizer", "scheduler", "mixer", "distance"])
         self.encoder = encoder
-        self.init_core(loss, miner, mixer, gather, optimizer, scheduler, distance, allow_distance_mismatch, grad_cache_chunk_size)
+        self.init_core(loss, miner, mixer, gather, optimizer, scheduler, distance, allow_distance_mismatch, grad_cache_chunk_size,
+                       no_weight_decay=no_weight_decay)
 
     # ---------------------------------------------------------------------------------- train
     def forward(self, x: Tensor) -> Tensor:

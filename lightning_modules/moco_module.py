@@ -47,7 +47,7 @@ class MoCoModule(MetricLearningModule):
         momentum: ``m`` of the key encoder (0.999).
         mixer: optional ``MoCHi`` (anything with ``mix_spec(q, queue, labels, queue_labels)`` and ``set_epoch``).
         supervised: use the batch's class labels to exclude same-label queue entries.
-        optimizer, scheduler, loss_lr, eval_distance, eval_ks, eval_nmi, distance,
+        optimizer, scheduler, loss_lr, no_weight_decay, eval_distance, eval_ks, eval_nmi, distance,
         allow_distance_mismatch, grad_cache_chunk_size: as ``MetricLearningModule`` (gradient caching
         chunks the query encoder; the keys need no gradient and are computed as without it).
     """
@@ -69,6 +69,7 @@ class MoCoModule(MetricLearningModule):
         distance: BaseDistance | None = None,
         allow_distance_mismatch: bool = False,
         grad_cache_chunk_size: int | None = None,
+        no_weight_decay: str | None = None,
     ) -> None:
         if loss is None:
             from losses import NTXentLoss
@@ -78,7 +79,7 @@ class MoCoModule(MetricLearningModule):
         if not isinstance(embed_dim, int):
             raise ValueError(f"MoCoModule: the encoder {type(encoder).__name__} has no integer embed_dim to size the queue")
         super().__init__(
-            encoder=encoder, loss=loss, optimizer=optimizer, scheduler=scheduler, loss_lr=loss_lr, gather=False,
+            encoder=encoder, loss=loss, optimizer=optimizer, scheduler=scheduler, loss_lr=loss_lr, no_weight_decay=no_weight_decay, gather=False,
             eval_distance=eval_distance, eval_ks=eval_ks, eval_nmi=eval_nmi, mixer=mixer,
             distance=distance, allow_distance_mismatch=allow_distance_mismatch, grad_cache_chunk_size=grad_cache_chunk_size,
         )
