@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -46,7 +47,8 @@ class DualEncoderModule(EmbeddingModule):
         query_encoder: text encoder, ``forward(tokens) -> [B, D]`` (``models.HFTextEncoder``).
         loss: a two-view loss (``losses.CLIPLoss(symmetric=False)``: InfoNCE, sentence-transformers'
             ``MultipleNegativesRankingLoss``; ``symmetric=True`` adds document -> query over the
-            positives), which gets ``logit_scale = 1 / temperature``; or any loss of the zoo
+            positives; ``losses.SigLIPLoss``: the pairwise sigmoid, with ``logit_bias``), which gets
+            ``logit_scale = 1 / temperature`` (and ``logit_bias``); or any loss of the zoo
             (``NTXentLoss``, ``TripletMarginLoss`` ...), which uses its own settings and the miner.
         doc_encoder: the document tower; ``None``: shared with the queries (siamese, as
             sentence-transformers; DPR uses two).
@@ -54,7 +56,13 @@ class DualEncoderModule(EmbeddingModule):
         memory_size: > 0: a queue (``miners.CrossBatchMemory``) of this many past documents of every
             rank, with their ids (so a queued positive stays a positive), as extra negatives.
         temperature: the softmax temperature of a two-view loss (0.05: sentence-transformers' scale 20).
-        learn_temperature: learn it (as CLIP's ``logit_scale``, clamped to ``max_logit_scale``).
+        learn_temperature: learn it (as CLIP's ``logit_scale``, clamped to ``max_logit_scale``), and the
+            logit bias when there is one (not clamped, as open_clip).
+        logit_bias: the initial value of the bias ``b`` a two-view loss adds to every logit (SigLIP's
+            Eq. 1); learned with ``learn_temperature``, else fixed (a buffer). ``None``: no bias (the
+            loss gets none). Required by a loss with ``needs_logit_bias`` (``SigLIPLoss``); refused by a
+            loss whose ``directional`` takes no ``logit_bias``. (``CLIPLoss`` takes one, but a softmax
+            is shift-invariant: the bias changes neither its value nor its gradients.)
         gather, distance, allow_distance_mismatch, grad_cache_chunk_size, optimizer, scheduler,
             loss_lr, no_weight_decay: as ``MetricLearningModule`` (a learned temperature, a scalar, is
             exempt under a ``no_weight_decay`` rule). ``gather="local"`` is exact for a two-view loss
@@ -73,6 +81,17 @@ class DualEncoderModule(EmbeddingModule):
             is added to the step's loss and logged as ``train/distill_loss``. Empty slots (id -1)
             and pairs without a teacher score (NaN) are left out. Needs hard negatives
             (``num_negatives > 0``).
+
+    SigLIP (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023, Eq. 1) in this
+    regime: ``DualEncoderModule(enc, losses.SigLIPLoss(), temperature=0.1, logit_bias=-10.0,
+    learn_temperature=True)`` is the paper's initialisation (``t' = log 10``, ``b = -10``). The loss
+    sums one binary term per scored pair, so it takes the step's reference set as it is: every
+    rank's hard negatives (and the memory's entries) are extra ``z = -1`` pairs of every query; a
+    document relevant to two queries of the global batch, or a known positive drawn as another
+    query's hard negative, is a ``z = +1`` pair of each (by ids); empty slots and the guide's false
+    negatives are dropped from the sum; the sum is divided by the number of queries. That is a mean
+    of per-query terms, so ``gather="local"`` is exact for it too. The bias is logged as
+    ``train/logit_bias`` when learned.
 
     Raw texts: a guide, and a teacher with ``inputs == "text"``, read the batch's raw strings
     (``query_text``, ``doc_text``, ``neg_text``), which ``datamodules.inputs.TextInputs`` adds with
@@ -100,6 +119,7 @@ class DualEncoderModule(EmbeddingModule):
         temperature: float = 0.05,
         learn_temperature: bool = False,
         max_logit_scale: float = math.log(100),
+        logit_bias: float | None = None,
         gather: bool | str = True,
         distance: BaseDistance | None = None,
         allow_distance_mismatch: bool = False,
@@ -137,6 +157,7 @@ class DualEncoderModule(EmbeddingModule):
                 f"DualEncoderModule: learn_temperature=True needs a two-view loss (losses.CLIPLoss), which takes the module's "
                 f"logit scale; {type(loss).__name__} keeps its own temperature"
             )
+        check_logit_bias(loss, logit_bias)
         self.query_encoder = query_encoder
         self.doc_encoder = doc_encoder
         scale = torch.tensor(math.log(1.0 / temperature))
@@ -144,6 +165,12 @@ class DualEncoderModule(EmbeddingModule):
             self.logit_scale = nn.Parameter(scale)
         else:
             self.register_buffer("logit_scale", scale)
+        if logit_bias is None:
+            self.logit_bias: Tensor | None = None
+        elif learn_temperature:
+            self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias)))
+        else:
+            self.register_buffer("logit_bias", torch.tensor(float(logit_bias)))
         self._memory = None
         if memory_size > 0:
             from miners.memory import CrossBatchMemory
@@ -189,6 +216,8 @@ class DualEncoderModule(EmbeddingModule):
             inputs["neg_emb"], inputs["neg_ids"] = rest[0], batch["neg_idx"].reshape(-1)
         if self.step.two_view:
             inputs["loss_kwargs"] = {"logit_scale": self.logit_scale.exp()}
+            if self.logit_bias is not None:
+                inputs["loss_kwargs"]["logit_bias"] = self.logit_bias
         return inputs
 
     def after_optimizer_step(self) -> None:
@@ -207,6 +236,8 @@ class DualEncoderModule(EmbeddingModule):
         n = len(batch["query_idx"])
         if isinstance(self.logit_scale, nn.Parameter):
             self.log("train/temperature", 1.0 / self.logit_scale.detach().exp(), batch_size=n)
+        if isinstance(self.logit_bias, nn.Parameter):
+            self.log("train/logit_bias", self.logit_bias.detach(), batch_size=n)
         if outputs.get("guide_masked") is not None:
             self.log("train/guide_masked", outputs["guide_masked"], batch_size=n)
         if outputs.get("distill_loss") is not None:
@@ -334,3 +365,28 @@ class DualEncoderModule(EmbeddingModule):
             metrics.update_queries(self.query_encoder(tokens(batch)).float(), batch["index"])
         else:
             metrics.update_docs(self.documents(tokens(batch)).float(), batch["index"])
+
+
+def check_logit_bias(loss: nn.Module, logit_bias: float | None) -> None:
+    """Refuse a bias the loss would never see, and a loss that needs one without it.
+
+    A two-view loss takes the bias through ``directional(..., logit_bias=...)`` (what the step calls);
+    other losses get no ``loss_kwargs`` from this module at all."""
+    name = type(loss).__name__
+    if logit_bias is None:
+        if getattr(loss, "needs_logit_bias", False):
+            raise ValueError(
+                f"DualEncoderModule: {name} needs a logit bias (the learnable b of SigLIP's Eq. 1); pass logit_bias=-10.0 "
+                f"(the paper's initial value, with temperature=0.1 and learn_temperature=True), or 0.0 to start from none"
+            )
+        return
+    if not getattr(loss, "two_view", False):
+        raise ValueError(
+            f"DualEncoderModule: logit_bias={logit_bias} goes to a two-view loss (losses.SigLIPLoss, losses.CLIPLoss); "
+            f"{name} scores pairs with its own settings and takes no bias: drop logit_bias"
+        )
+    directional = getattr(loss, "directional", None)
+    params = inspect.signature(directional).parameters if callable(directional) else {}
+    takes = "logit_bias" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes:
+        raise ValueError(f"DualEncoderModule: logit_bias={logit_bias}, but {name}.directional takes no logit_bias argument: drop logit_bias")

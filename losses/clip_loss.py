@@ -236,11 +236,18 @@ class SigLIPLoss(nn.Module):
     (equal slices) is the global loss.
 
     ``logit_bias`` is required (the paper initialises it to -10 so that the many negatives do not
-    dominate the first steps); pass 0.0 explicitly for none.
+    dominate the first steps); pass 0.0 explicitly for none. ``needs_logit_bias = True`` says so to the
+    modules that own the bias (``DualEncoderModule(logit_bias=...)`` refuses to build without one).
+
+    Any number of positives per row and extra negative columns fit Eq. 1 as they are: every
+    non-ignored pair is one independent binary term, so a document relevant to two queries is a
+    positive (``z = +1``) of both, and hard negatives appended to ``ref_emb`` are more ``z = -1`` pairs
+    (still divided by ``Q``, the query rows, as the paper divides by ``|B|``).
     """
 
     two_view = True
     symmetric = False
+    needs_logit_bias = True
 
     def forward(
         self,

@@ -19,7 +19,8 @@ Three settings:
 
 The module's one ``distance`` is each loss's own default, shared with the miner (so a margin miner
 and its loss agree). Two-view losses (``losses.CLIPLoss`` and kin: InfoNCE over the pairs, the
-text regime's usual objective) join the matrix; they score every pair themselves and take no miner.
+text regime's usual objective; ``losses.SigLIPLoss`` with the module's ``logit_bias``, ``MODULE_KWARGS``)
+join the matrix; they score every pair themselves and take no miner.
 
 A pairing runs with a finite loss and finite gradients that reach both towers, and with relevance
 equal to a brute-force reading of the ids; or it is listed in ``TEXT_INCOMPATIBLE`` (or in
@@ -61,6 +62,8 @@ MINER_KWARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("PairMarginMiner", "CosineSimilarity"): {"pos_margin": 0.8, "neg_margin": 0.3},
 }
 SMALL_MOCHI = {"n_hard": 4, "s": 4, "s_prime": 2}
+# Module settings a loss needs: SigLIP's learnable bias b of Eq. 1, at the paper's initialisation (t' = log 10, b = -10)
+MODULE_KWARGS: dict[str, dict[str, Any]] = {"SigLIPLoss": {"temperature": 0.1, "logit_bias": -10.0, "learn_temperature": True}}
 
 NO_MINER = "no miner"
 _TWO_VIEW_NAMES = {c.__name__ for c in TWO_VIEW}
@@ -70,7 +73,6 @@ TAKES_NO_MINER = "a two-view loss scores every pair itself; EmbeddingStep refuse
 # the "mochi" setting, and the reasons of tests.test_composition.INCOMPATIBLE (``expected_reason``).
 TEXT_INCOMPATIBLE: dict[tuple[str, str, str], str] = {
     ("*", "ProxyAnchorLoss", "*"): "needs class labels (one proxy per class); query -> document relevance is by document ids",
-    (NO_MINER, "SigLIPLoss", "*"): "SigLIP needs the learnable bias b (logit_bias); DualEncoderModule passes only logit_scale",
     **{(NO_MINER, name, "mochi"): "a two-view loss takes no Mined, so it cannot read MoCHi's synthetic negatives (the step refuses the pair)" for name in _TWO_VIEW_NAMES},
 }
 
@@ -124,6 +126,7 @@ def make_module(miner_cls: type | None, loss_cls: type, setting: str) -> DualEnc
     return DualEncoderModule(
         CharBagEncoder(0), loss, doc_encoder=CharBagEncoder(1), miner=miner, memory_size=0 if setting == "plain" else MEMORY_SIZE,
         mixer=MoCHi(**SMALL_MOCHI) if setting == "mochi" else None, distance=None if distance is None else copy.deepcopy(distance), optimizer=sgd,
+        **MODULE_KWARGS.get(loss_cls.__name__, {}),
     )
 
 
@@ -254,6 +257,6 @@ def test_a_trainer_fit_runs_the_queue_and_the_mixer() -> None:
 
 
 def test_the_matrix_covers_every_component() -> None:
-    assert {losses.CLIPLoss, losses.NTXentLoss, losses.TripletMarginLoss} <= set(ALL_LOSSES)
+    assert {losses.CLIPLoss, losses.SigLIPLoss, losses.NTXentLoss, losses.TripletMarginLoss} <= set(ALL_LOSSES)
     assert len(MINERS) >= 8 and all(distance_name(c) in (None, "CosineSimilarity", "LpDistance") for c in ALL_LOSSES)
     assert isinstance(CosineSimilarity(), type(build(losses.NTXentLoss).distance)) and isinstance(build(losses.TripletMarginLoss).distance, LpDistance)
