@@ -13,7 +13,11 @@ input pipeline, which sets the datasets' transforms and/or returns the loaders' 
   ..., "label"}`` batches. A text field may hold a list of strings per item (a query's hard
   negatives): the lists are flattened query-major into one tokenized block. A field's role
   (``"query"``, ``"doc"``) prepends ``data_config["query_prefix"]`` / ``["doc_prefix"]`` (E5's
-  ``"query: "`` / ``"passage: "``). Integer-list fields (``pos_idx``) become ``[B, P]`` tensors
+  ``"query: "`` / ``"passage: "``), and the query role's fields are truncated at
+  ``data_config["query_max_length"]`` when it is there (Tevatron's ``q_max_len``; the encoder's
+  ``HFTextEncoder(query_max_length=...)``), every other field at ``max_length``: each field is
+  tokenized on its own, so a batch's query block pads to its longest query and its document block
+  to its longest document. Integer-list fields (``pos_idx``) become ``[B, P]`` tensors
   padded with -1. With ``keep_text`` (``TextInputs(keep_text=True)`` or ``data_config["keep_text"]``)
   the batch also holds each text field's raw strings, without the role prefix, under the field's
   prefix + ``"text"`` (``query_text: list[str] [B]``, ``doc_text``, ``neg_text [B*k]`` flattened
@@ -86,6 +90,8 @@ class TextInputs(InputPipeline):
 
     Args:
         max_length: tokens per text (default: ``data_config["max_length"]``, else 128).
+        query_max_length: tokens per text of the fields whose role is ``"query"`` (default:
+            ``data_config["query_max_length"]``; absent: ``max_length``, one length for every field).
         text_fields: item key -> prefix of its tokenized fields in the batch: ``{"text": ""}`` gives
             ``input_ids``/``attention_mask``; ``{"query": "query_", "doc": "doc_"}`` gives
             ``query_input_ids``, ``doc_attention_mask`` ... A field holding ``list[str]`` per item
@@ -107,8 +113,13 @@ class TextInputs(InputPipeline):
         text_fields: dict[str, str] | None = None,
         roles: dict[str, str] | None = None,
         keep_text: bool = False,
+        query_max_length: int | None = None,
     ) -> None:
+        for name, value in (("max_length", max_length), ("query_max_length", query_max_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"TextInputs {name} must be a positive int or None (the data_config's), got {value!r}")
         self.max_length = max_length
+        self.query_max_length = query_max_length
         self.keep_text = bool(keep_text)
         self.text_fields = dict(text_fields) if text_fields is not None else {"text": ""}
         self.roles = dict(roles) if roles is not None else {}
@@ -120,8 +131,20 @@ class TextInputs(InputPipeline):
         cfg = dict(data_config)
         if self.max_length is not None:
             cfg["max_length"] = self.max_length
+        if self.query_max_length is not None:
+            cfg["query_max_length"] = self.query_max_length
         cfg.setdefault("max_length", 128)
         return cfg
+
+    def lengths(self, data_config: dict[str, Any]) -> dict[str, int]:
+        """Text field -> its token limit where it differs from ``max_length``: the query role's fields
+        at ``data_config["query_max_length"]`` (none when that is absent or ``None``)."""
+        query_length = data_config.get("query_max_length")
+        if query_length is None:
+            return {}
+        if isinstance(query_length, bool) or not isinstance(query_length, int) or query_length <= 0:
+            raise ValueError(f"data_config query_max_length must be a positive int or None, got {query_length!r}")
+        return {field: query_length for field, role in self.roles.items() if role == "query"}
 
     def prefixes(self, data_config: dict[str, Any]) -> dict[str, str]:
         """Text field -> the string prepended to its texts (from its role's ``data_config`` prefix)."""
@@ -142,12 +165,14 @@ class TextInputs(InputPipeline):
                 "(HFTextEncoder does) or set data.init_args.data_config.tokenizer (a callable, or an HF name or local path)"
             )
         keep_text = self.keep_text or bool(data_config.get("keep_text", False))
-        return TokenizeCollate(load_tokenizer(tokenizer), int(data_config["max_length"]), self.text_fields, self.prefixes(data_config), keep_text)
+        return TokenizeCollate(load_tokenizer(tokenizer), int(data_config["max_length"]), self.text_fields, self.prefixes(data_config), keep_text,
+                               self.lengths(data_config))
 
     def __repr__(self) -> str:
+        query = f", query_max_length={self.query_max_length}" if self.query_max_length is not None else ""
         roles = f", roles={self.roles}" if self.roles else ""
         keep = ", keep_text=True" if self.keep_text else ""
-        return f"TextInputs(max_length={self.max_length}, text_fields={self.text_fields}{roles}{keep})"
+        return f"TextInputs(max_length={self.max_length}{query}, text_fields={self.text_fields}{roles}{keep})"
 
 
 def load_tokenizer(tokenizer: Any) -> Callable:
@@ -175,7 +200,8 @@ class TokenizeCollate:
     ``prefixes`` (field -> string) are prepended to that field's texts. Other fields: lists of ints
     become a ``[B, max list length]`` long tensor padded with -1; the rest is default-collated.
     ``keep_text``: each text field's raw strings (before the prefix) also go in the batch as a
-    ``list[str]`` under the field's prefix + ``"text"``.
+    ``list[str]`` under the field's prefix + ``"text"``. ``lengths`` (field -> int) truncates those
+    fields at their own length instead of ``max_length`` (the queries' ``query_max_length``).
     """
 
     def __init__(
@@ -185,16 +211,23 @@ class TokenizeCollate:
         text_fields: Mapping[str, str],
         prefixes: Mapping[str, str] | None = None,
         keep_text: bool = False,
+        lengths: Mapping[str, int] | None = None,
     ) -> None:
         self.tokenizer, self.max_length, self.text_fields = tokenizer, max_length, dict(text_fields)
         self.prefixes = dict(prefixes or {})
         self.keep_text = bool(keep_text)
+        self.lengths = dict(lengths or {})
+        unknown = sorted(set(self.lengths) - set(self.text_fields))
+        if unknown:
+            raise ValueError(f"TokenizeCollate: lengths name field(s) {unknown} that are not text_fields {sorted(self.text_fields)}")
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """``texts`` tokenized as one batch, truncated at ``max_length`` (``None``: ``self.max_length``)."""
+        length = self.max_length if max_length is None else max_length
         if is_hf_tokenizer(self.tokenizer):
-            out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=length, return_tensors="pt")
         else:
-            out = self.tokenizer(list(texts), max_length=self.max_length)
+            out = self.tokenizer(list(texts), max_length=length)
         if not isinstance(out, Mapping) or "input_ids" not in out or "attention_mask" not in out:
             raise ValueError(f"tokenizer {self.tokenizer!r} must return a mapping with input_ids and attention_mask, got {type(out).__name__}")
         return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in out.items()}
@@ -225,7 +258,7 @@ class TokenizeCollate:
             texts = self.field_texts(key, items)
             if not texts:  # every item's list is empty (no hard negatives): no tokenized block
                 continue
-            for name, value in self.tokenize(texts).items():
+            for name, value in self.tokenize(texts, self.lengths.get(key)).items():
                 batch[prefix + name] = value
             if self.keep_text:
                 batch[prefix + "text"] = self.field_texts(key, items, prefixed=False)

@@ -28,6 +28,10 @@ lengths agree), drops and counts queries without a relevant document, and builds
 Texts are tokenized per batch by ``datamodules.inputs.TextInputs`` with the encoder's tokenizer;
 queries get ``data_config["query_prefix"]``, documents and negatives ``data_config["doc_prefix"]``
 (``query_prefix``/``doc_prefix`` arguments override them, e.g. E5's ``"query: "``/``"passage: "``).
+Queries are truncated at ``data_config["query_max_length"]`` when the encoder (``HFTextEncoder(
+query_max_length=...)``) or the DataModule's ``data_config`` sets it, in training and in the
+evaluation query loader alike (which ``ANNRefresh`` also encodes with); documents and negatives at
+``max_length``.
 
 Collated train batch: ``query_input_ids [B, Lq]``, ``query_attention_mask``, ``doc_input_ids
 [B, Ld]``, ``doc_attention_mask``, ``neg_input_ids [B*k, Ln]`` (query-major; absent when k == 0),
@@ -353,11 +357,13 @@ class QueryDocDataModule(RetrievalDataModule):
     # ------------------------------------------------------------------------------------ inputs
     def input_pipeline(self, data_config: dict[str, Any] | None = None) -> InputPipeline:
         """The train pipeline: ``TextInputs`` over query/doc/negs with their roles; a given plain
-        ``TextInputs`` (default ``text_fields``) lends its ``max_length``; any other ``inputs`` is used as is."""
+        ``TextInputs`` (default ``text_fields``) lends its ``max_length`` and ``query_max_length``; any other
+        ``inputs`` is used as is."""
         if self.inputs is None:
             return TextInputs(text_fields=TRAIN_TEXT_FIELDS, roles=TRAIN_ROLES)
         if isinstance(self.inputs, TextInputs) and self.inputs.text_fields == {"text": ""}:
-            return TextInputs(self.inputs.max_length, text_fields=TRAIN_TEXT_FIELDS, roles=TRAIN_ROLES, keep_text=self.inputs.keep_text)
+            return TextInputs(self.inputs.max_length, text_fields=TRAIN_TEXT_FIELDS, roles=TRAIN_ROLES, keep_text=self.inputs.keep_text,
+                              query_max_length=getattr(self.inputs, "query_max_length", None))
         return self.inputs
 
     def resolved_data_config(self) -> dict[str, Any]:

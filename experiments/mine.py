@@ -7,7 +7,8 @@ The DataModule (any ``datamodules.QueryDocDataModule``; ``--data`` as for ``hard
 run config or a data fragment) gives the corpus and the train queries with their qrels. The model
 (``--model``: a zoo preset, a transformers folder, or a Lightning ``.ckpt`` of a hardneg run, whose
 encoders are rebuilt from the run's ``config.yaml``) encodes the corpus once, with a progress bar,
-and the train queries chunk by chunk; ``miners.mine_hard_negatives`` (sentence-transformers'
+and the train queries chunk by chunk (truncated at the query tower's ``query_max_length`` when it has
+one, as in training); ``miners.mine_hard_negatives`` (sentence-transformers'
 semantics, every option under the same name) mines each chunk against one faiss index of the corpus.
 
 Output: sentence-transformers' hard-negative JSONL (the format of ``msmarco-hard-negatives.jsonl``,
@@ -132,6 +133,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     query_encoder, doc_encoder = load_encoders(args.model, args.model_config)
     query_prefix = getattr(datamodule, "query_prefix", None) or getattr(query_encoder, "query_prefix", None)
     doc_prefix = getattr(datamodule, "doc_prefix", None) or getattr(doc_encoder, "doc_prefix", None)
+    # queries at the length they are trained at (HFTextEncoder(query_max_length=...)); an encoder without one keeps its own encode()
+    query_length = getattr(query_encoder, "query_max_length", None)
+    query_kwargs = {"max_length": query_length} if query_length is not None else {}
 
     if progress is None:
         progress = {"settings": settings, "done": 0, "bytes": 0, "short": 0, "total": n_queries, "complete": False}
@@ -165,7 +169,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     for start in range(progress["done"], n_queries, args.chunk_size):
         stop = min(start + args.chunk_size, n_queries)
         texts = [train.queries[i] for i in range(start, stop)]
-        query_emb = query_encoder.encode(texts, batch_size=args.batch_size, prefix=query_prefix, device=device, show_progress=n_queries > args.batch_size)
+        query_emb = query_encoder.encode(texts, batch_size=args.batch_size, prefix=query_prefix, device=device, show_progress=n_queries > args.batch_size,
+                                         **query_kwargs)
         qrels = [list(train.qrels[i]) for i in range(start, stop)]
         ids = mine_chunk(query_emb, corpus_emb, qrels, index, max_positives, random.Random(f"{args.seed}:{start}"), args)
         lines = []

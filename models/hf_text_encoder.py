@@ -9,6 +9,17 @@ names it (the model's folder or hub id, a ``str`` so that it pickles cheaply to 
 and never a string. ``encode(texts)`` is the one-call path for users and callbacks (the verb and
 meaning of sentence-transformers' ``SentenceTransformer.encode``).
 
+Queries and documents may be truncated at different lengths: ``max_length`` is the documents' (and
+every text's by default), ``query_max_length`` the queries'. Retrieval training keeps queries short
+because they are: Tevatron's MS MARCO example trains BERT-base with ``--q_max_len 16 --p_max_len 128``
+(texttron/tevatron ``examples/example_msmarco.md``, git 04eaa63; its argument defaults are 32 and 128),
+STAR with ``--max_query_length 24 --max_doc_length 120`` (jingtaozhan/DRhard README). Batches are
+padded to their longest text, so one long query under the documents' limit pads every query of its
+batch to it; one length for both would instead cut the documents at the queries' length. ``data_config``
+carries ``query_max_length`` (only when set) to ``TextInputs``, which tokenizes the query role's fields
+at it; ``encode(queries, max_length=enc.query_max_length)`` or ``encode_query(queries)`` does the
+same for raw strings (sentence-transformers' ``encode_query`` and its per-task ``query_length``).
+
 Weights come from a local folder in ``save_pretrained`` layout or from a hub id. The machines
 that build this project are offline (``HF_HUB_OFFLINE=1``): a hub id that is not in the Hugging
 Face cache fails at once with ``PretrainedWeightsUnavailable`` (the error ``hardneg fit`` prints
@@ -53,7 +64,12 @@ class HFTextEncoder(nn.Module):
         model_name_or_path: a local folder in ``save_pretrained`` layout (config, weights,
             tokenizer files) or a Hugging Face hub id (``"intfloat/e5-base-v2"``).
         pooling: ``"mean"``, ``"cls"`` or ``"last"`` (above).
-        max_length: tokens per text; longer texts are truncated (``data_config["max_length"]``).
+        max_length: tokens per text; longer texts are truncated (``data_config["max_length"]``). With
+            ``query_max_length`` set, the documents' length only.
+        query_max_length: tokens per query (``data_config["query_max_length"]``, read by ``TextInputs``
+            for the fields whose role is ``"query"``; ``encode_query``). ``None``: ``max_length``, one
+            length for every text (DPR, sentence-transformers' ``max_seq_length``). Tevatron's MS MARCO
+            BERT-base: ``max_length=128, query_max_length=16``.
         embed_dim: ``None`` (or 0): no head, the embedding is the pooled hidden state (the
             model's hidden size); an int: a linear projection head ``hidden -> embed_dim``.
         normalize: L2-normalise the output.
@@ -67,7 +83,7 @@ class HFTextEncoder(nn.Module):
     Attributes:
         embed_dim: output size. hidden_size: the model's hidden size. model: the transformers
         model. tokenizer: the loaded tokenizer object (``encode`` uses it).
-        data_config: ``{"tokenizer": str, "max_length": int[, "query_prefix", "doc_prefix"]}``.
+        data_config: ``{"tokenizer": str, "max_length": int[, "query_max_length", "query_prefix", "doc_prefix"]}``.
     """
 
     def __init__(
@@ -75,6 +91,7 @@ class HFTextEncoder(nn.Module):
         model_name_or_path: str,
         pooling: str = "mean",
         max_length: int = 256,
+        query_max_length: int | None = None,
         embed_dim: int | None = None,
         normalize: bool = True,
         query_prefix: str | None = None,
@@ -87,6 +104,8 @@ class HFTextEncoder(nn.Module):
             raise ValueError(f"HFTextEncoder pooling must be one of {POOLINGS}, got {pooling!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
             raise ValueError(f"HFTextEncoder max_length must be a positive int, got {max_length!r}")
+        if query_max_length is not None and (isinstance(query_max_length, bool) or not isinstance(query_max_length, int) or query_max_length <= 0):
+            raise ValueError(f"HFTextEncoder query_max_length must be a positive int, or None for max_length; got {query_max_length!r}")
         if embed_dim is not None and (isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 0):
             raise ValueError(f"HFTextEncoder embed_dim must be a positive int, or None/0 for no head; got {embed_dim!r}")
         for name, value in (("query_prefix", query_prefix), ("doc_prefix", doc_prefix)):
@@ -96,11 +115,12 @@ class HFTextEncoder(nn.Module):
         source = _resolve_source(os.fspath(model_name_or_path))
         self.model, self.tokenizer = _load(source, trust_remote_code)
         model_max = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(model_max, int) and model_max < 1_000_000 and max_length > model_max:
-            raise ValueError(
-                f"HFTextEncoder('{source}'): max_length={max_length} exceeds the {model_max} tokens the model was "
-                f"built for (its tokenizer's model_max_length); use max_length <= {model_max}"
-            )
+        for name, value in (("max_length", max_length), ("query_max_length", query_max_length)):
+            if isinstance(model_max, int) and model_max < 1_000_000 and value is not None and value > model_max:
+                raise ValueError(
+                    f"HFTextEncoder('{source}'): {name}={value} exceeds the {model_max} tokens the model was "
+                    f"built for (its tokenizer's model_max_length); use {name} <= {model_max}"
+                )
         if gradient_checkpointing:
             if not getattr(self.model, "supports_gradient_checkpointing", False):
                 raise ValueError(f"HFTextEncoder('{source}'): {type(self.model).__name__} does not support gradient_checkpointing")
@@ -122,6 +142,7 @@ class HFTextEncoder(nn.Module):
         self.model_name_or_path = source
         self.pooling = pooling
         self.max_length = max_length
+        self.query_max_length = query_max_length
         self.normalize = normalize
         self.query_prefix = query_prefix
         self.doc_prefix = doc_prefix
@@ -138,8 +159,10 @@ class HFTextEncoder(nn.Module):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """What the DataModule's ``TextInputs`` reads: the tokenizer (folder or hub id), max length, prefixes."""
+        """What the DataModule's ``TextInputs`` reads: the tokenizer (folder or hub id), max lengths, prefixes."""
         cfg: dict[str, Any] = {"tokenizer": self.model_name_or_path, "max_length": self.max_length}
+        if self.query_max_length is not None:
+            cfg["query_max_length"] = self.query_max_length
         if self.query_prefix is not None:
             cfg["query_prefix"] = self.query_prefix
         if self.doc_prefix is not None:
@@ -196,14 +219,17 @@ class HFTextEncoder(nn.Module):
         prefix: str | None = None,
         device: str | torch.device | None = None,
         show_progress: bool = False,
+        max_length: int | None = None,
     ) -> torch.Tensor:
         """Embed raw strings: ``texts [N] -> emb [N, embed_dim]`` (float32, on the CPU, input order).
 
         Runs without a graph and in eval mode (the previous mode is restored). Texts are batched
         longest first, so each batch pads to similar lengths, and the rows put back in input
         order. ``prefix`` is prepended to every text: ``enc.encode(queries, prefix=enc.query_prefix)``.
-        ``device``: move the encoder there first (it stays there, as in sentence-transformers);
-        default: where its parameters are.
+        ``max_length``: tokens per text (``None``: ``self.max_length``); queries are
+        ``enc.encode(queries, prefix=enc.query_prefix, max_length=enc.query_max_length)``, which
+        ``encode_query`` spells out. ``device``: move the encoder there first (it stays there, as in
+        sentence-transformers); default: where its parameters are.
         """
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise TypeError(f"HFTextEncoder.encode expects a list of str, got {type(texts).__name__}; wrap a single text in a list")
@@ -212,6 +238,10 @@ class HFTextEncoder(nn.Module):
             raise TypeError(f"HFTextEncoder.encode: texts[{bad}] is a {type(texts[bad]).__name__}, expected str")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"HFTextEncoder.encode batch_size must be a positive int, got {batch_size!r}")
+        if max_length is None:
+            max_length = self.max_length
+        elif isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"HFTextEncoder.encode max_length must be a positive int or None (the encoder's max_length), got {max_length!r}")
         if device is not None:
             self.to(device)
         target = next(self.parameters()).device
@@ -228,15 +258,28 @@ class HFTextEncoder(nn.Module):
             for start in starts:
                 rows = order[start:start + batch_size]
                 batch = [(prefix or "") + texts[i] for i in rows]
-                tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+                tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                 out[rows] = self({k: v.to(target) for k, v in tokens.items()}).float().cpu()
         finally:
             self.train(was_training)
         return out
 
+    def encode_query(self, texts: Sequence[str], **kwargs: Any) -> torch.Tensor:
+        """``encode`` as queries: the query prefix and ``query_max_length`` (keyword arguments override them;
+        the verb of sentence-transformers' ``SentenceTransformer.encode_query``)."""
+        kwargs.setdefault("prefix", self.query_prefix)
+        kwargs.setdefault("max_length", self.query_max_length)
+        return self.encode(texts, **kwargs)
+
+    def encode_document(self, texts: Sequence[str], **kwargs: Any) -> torch.Tensor:
+        """``encode`` as documents: the document prefix and ``max_length`` (keyword arguments override them)."""
+        kwargs.setdefault("prefix", self.doc_prefix)
+        return self.encode(texts, **kwargs)
+
     def extra_repr(self) -> str:
+        query = f", query_max_length={self.query_max_length}" if self.query_max_length is not None else ""
         return (
-            f"model_name_or_path={self.model_name_or_path!r}, pooling={self.pooling!r}, max_length={self.max_length}, "
+            f"model_name_or_path={self.model_name_or_path!r}, pooling={self.pooling!r}, max_length={self.max_length}{query}, "
             f"embed_dim={self.embed_dim}, normalize={self.normalize}"
         )
 
