@@ -34,14 +34,10 @@ class MetricLearningModule(EmbeddingModule):
         scheduler: a callable taking the optimizer, stepped every epoch.
         loss_lr: learning rate of the loss's own parameters (proxy-based losses use ~100x the
             encoder's); ``None``: the optimizer's default.
-        no_weight_decay: which parameters the optimizer's weight decay leaves alone
-            (``lightning_modules.param_groups``): ``None`` (default) none, one group decayed as the
-            optimizer says; ``"norm_bias"`` biases, norm gains/shifts and scalars (every tensor with
-            ``ndim < 2``: open_clip's training, the transformers Trainer, sentence-transformers);
-            ``"norm_bias+model"`` also the names the modules' ``no_weight_decay()`` list (timm's
-            ``create_optimizer_v2``: ViT position embeddings, class tokens). The exempt tensors go to
-            groups with ``weight_decay = 0``; the loss's own parameters follow the same rule in their
-            ``loss_lr`` groups (a scalar temperature is exempt, ``[C, D]`` proxies are decayed).
+        no_weight_decay: the parameters weight decay leaves alone (``lightning_modules.param_groups``):
+            ``None`` (default) none; ``"norm_bias"`` tensors with ``ndim < 2`` (biases, norm gains,
+            scalars: open_clip's training, the transformers Trainer); ``"norm_bias+model"`` also the
+            modules' ``no_weight_decay()`` names (timm). The loss's parameters follow the same rule.
         gather: how the step gathers across DDP ranks: ``True``/"global" (every rank computes the
             loss on the global batch), "local" (this rank's rows against the global batch, open_clip's
             ``local_loss``), ``False``/"none" (per-rank mining and loss).
