@@ -132,6 +132,46 @@ class StepRecorder(L.Callback):
         torch.save(outputs["loss"].detach(), f"{self.out}.loss{trainer.global_rank}")
 
 
+# ------------------------------------------------------------------------- leaving a process group
+def _finish_process_group() -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):  # a rank whose peer failed: time out, leave, let the peer's error surface
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def finish_process_groups_at_exit() -> None:
+    """In a spawned test worker (Lightning's ``ddp_spawn``, ``torch.multiprocessing.spawn``): meet the other ranks at a
+    barrier and destroy the process group on the way out.
+
+    Lightning leaves a gloo group alive when a ``ddp_spawn`` worker returns (it destroys only NCCL groups at exit), and
+    the worker ends with ``os._exit``. A rank that exits first closes its sockets while the slower rank's gloo threads
+    still run, and gloo aborts that rank (SIGABRT, "terminate called without an active exception"): a CI failure of a
+    test whose numbers were right. ``multiprocessing`` runs its finalizers in the worker before ``os._exit``; this one
+    is registered from ``tests/__init__.py``, which every worker imports when it unpickles a test's objects.
+    """
+    import multiprocessing
+    import multiprocessing.util
+
+    global _FINISH_REGISTERED
+    if multiprocessing.parent_process() is None or _FINISH_REGISTERED:
+        return
+    multiprocessing.util.Finalize(None, _finish_process_group, exitpriority=10)
+    _FINISH_REGISTERED = True
+
+
+_FINISH_REGISTERED = False
+
+
 # ------------------------------------------------------------------------- raw two-process workers
 @contextlib.contextmanager
 def gloo_group(rank: int, world: int, init_file: str):
