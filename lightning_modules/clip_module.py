@@ -84,6 +84,11 @@ class CLIPModule(EmbeddingModule):
         for name in ("encode_image", "encode_text", "logit_scale"):
             if not hasattr(model, name):
                 raise TypeError(f"CLIPModule: the model ({type(model).__name__}) has no {name}; use models.OpenCLIPEncoder or give it one")
+        if getattr(loss, "needs_logit_bias", False) and getattr(model, "logit_bias", None) is None:
+            raise ValueError(
+                f"CLIPModule: {type(loss).__name__} needs the model's logit bias (SigLIP's Eq. 1), but {type(model).__name__} has none; "
+                f"build it with one (models.OpenCLIPEncoder(..., init_logit_scale=math.log(10), init_logit_bias=-10))"
+            )
         self.model = model
         self.init_core(loss, None, None, gather, optimizer, scheduler, None, False, grad_cache_chunk_size, no_weight_decay=no_weight_decay)
 

@@ -99,6 +99,12 @@ def test_siglip_takes_the_bias(scenes):
     torch.testing.assert_close(loss, ref)
 
 
+def test_siglip_without_a_bias_is_refused_at_construction():
+    with pytest.raises(ValueError, match="SigLIPLoss needs the model's logit bias.*TinyCLIP has none"):
+        CLIPModule(TinyCLIP(bias=False), SigLIPLoss())
+    CLIPModule(TinyCLIP(bias=False), CLIPLoss())  # a softmax loss takes none
+
+
 def test_fit_clamps_the_scale_and_validation_equals_the_metric_functions(scenes):
     model = TinyCLIP()
     with torch.no_grad():
