@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from contracts.arguments import is_int_at_least
+
 
 class InputPipeline:
     """Base of the input pipelines: ``apply`` sets per-item transforms, ``collate_fn`` builds batches."""
@@ -116,7 +118,7 @@ class TextInputs(InputPipeline):
         query_max_length: int | None = None,
     ) -> None:
         for name, value in (("max_length", max_length), ("query_max_length", query_max_length)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            if value is not None and not is_int_at_least(value, 1):
                 raise ValueError(f"TextInputs {name} must be a positive int or None (the data_config's), got {value!r}")
         self.max_length = max_length
         self.query_max_length = query_max_length
@@ -142,7 +144,7 @@ class TextInputs(InputPipeline):
         query_length = data_config.get("query_max_length")
         if query_length is None:
             return {}
-        if isinstance(query_length, bool) or not isinstance(query_length, int) or query_length <= 0:
+        if not is_int_at_least(query_length, 1):
             raise ValueError(f"data_config query_max_length must be a positive int or None, got {query_length!r}")
         return {field: query_length for field, role in self.roles.items() if role == "query"}
 

@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from contracts.arguments import is_int_at_least
+
 DECAYS = ("cosine", "linear", "constant")
 
 
@@ -53,9 +55,9 @@ class WarmupDecayLR(LambdaLR):
         min_lr_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_int_at_least(warmup_steps, 0):
             raise ValueError(f"WarmupDecayLR: warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= warmup_steps):
+        if total_steps is not None and not is_int_at_least(total_steps, warmup_steps + 1):
             raise ValueError(f"WarmupDecayLR: total_steps must be an integer above warmup_steps={warmup_steps} (or None: the trainer's), "
                              f"got {total_steps!r}")
         if decay not in DECAYS:

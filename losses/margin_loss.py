@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contracts.arguments import is_int_at_least
 from contracts.distances import BaseDistance
 from contracts.dtypes import work_dtype
 from contracts.inputs import Inputs
-from contracts.mined import check_weights
-from contracts.mined import Mined
+from contracts.mined import Mined, check_weights
 from contracts.relevance import relevance_masks
 from losses.base_loss import BaseLoss
 from losses.pair_matrix import mined_pairs
@@ -92,11 +92,9 @@ class MarginLoss(BaseLoss):
         distance: BaseDistance | None = None,
     ) -> None:
         super().__init__(distance=distance)
-        if triplets_per_anchor != "all" and (
-            isinstance(triplets_per_anchor, bool) or not isinstance(triplets_per_anchor, int) or triplets_per_anchor < 1
-        ):
+        if triplets_per_anchor != "all" and not is_int_at_least(triplets_per_anchor, 1):
             raise ValueError(f"MarginLoss: triplets_per_anchor must be 'all' or an int >= 1, got {triplets_per_anchor!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        if num_classes is not None and not is_int_at_least(num_classes, 1):
             raise ValueError(f"MarginLoss: num_classes must be None or an int >= 1, got {num_classes!r}")
         self.margin = margin
         self.nu = nu

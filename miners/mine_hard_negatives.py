@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contracts.arguments import is_int_at_least
 from contracts.index import DEFAULT_CHUNK, ArrayLike, IndexKind, as_float32, build_index, iter_search
 
 SamplingStrategy = Literal["top", "random"]
@@ -280,9 +281,9 @@ def check_mining_settings(num_negatives: int, range_min: int, range_max: int | N
     """The validated ``range_max`` (sentence-transformers' default when ``None``), with their checks and messages."""
     if sampling_strategy not in SAMPLING_STRATEGIES:
         raise ValueError(f"mine_hard_negatives: sampling_strategy must be one of {SAMPLING_STRATEGIES}, got {sampling_strategy!r}")
-    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+    if not is_int_at_least(num_negatives, 1):
         raise ValueError(f"mine_hard_negatives: num_negatives must be an integer >= 1, got {num_negatives!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if not is_int_at_least(chunk, 1):
         raise ValueError(f"mine_hard_negatives: chunk must be a positive integer, got {chunk!r}")
     if range_min < 0:
         raise ValueError(f"mine_hard_negatives: range_min must be non-negative, got range_min={range_min}")

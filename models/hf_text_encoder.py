@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contracts.arguments import is_int_at_least
 from models.timm_encoder import PretrainedWeightsUnavailable
 
 POOLINGS = ("mean", "cls", "last")
@@ -102,11 +103,11 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"HFTextEncoder pooling must be one of {POOLINGS}, got {pooling!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+        if not is_int_at_least(max_length, 1):
             raise ValueError(f"HFTextEncoder max_length must be a positive int, got {max_length!r}")
-        if query_max_length is not None and (isinstance(query_max_length, bool) or not isinstance(query_max_length, int) or query_max_length <= 0):
+        if query_max_length is not None and not is_int_at_least(query_max_length, 1):
             raise ValueError(f"HFTextEncoder query_max_length must be a positive int, or None for max_length; got {query_max_length!r}")
-        if embed_dim is not None and (isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 0):
+        if embed_dim is not None and not is_int_at_least(embed_dim, 0):
             raise ValueError(f"HFTextEncoder embed_dim must be a positive int, or None/0 for no head; got {embed_dim!r}")
         for name, value in (("query_prefix", query_prefix), ("doc_prefix", doc_prefix)):
             if value is not None and not isinstance(value, str):
@@ -236,11 +237,11 @@ class HFTextEncoder(nn.Module):
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"HFTextEncoder.encode: texts[{bad}] is a {type(texts[bad]).__name__}, expected str")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_int_at_least(batch_size, 1):
             raise ValueError(f"HFTextEncoder.encode batch_size must be a positive int, got {batch_size!r}")
         if max_length is None:
             max_length = self.max_length
-        elif isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+        elif not is_int_at_least(max_length, 1):
             raise ValueError(f"HFTextEncoder.encode max_length must be a positive int or None (the encoder's max_length), got {max_length!r}")
         if device is not None:
             self.to(device)

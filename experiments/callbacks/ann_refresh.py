@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from contracts.arguments import is_int_at_least
 from experiments.callbacks.corpus_cache import corpus_cache_file, load_cached, save_cached
 
 FIRST = ("untrained", "file")
@@ -112,7 +113,7 @@ class ANNRefresh(L.Callback):
     ) -> None:
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps), ("max_queries", max_queries),
                             ("batch_size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_int_at_least(value, 1):
                 raise ValueError(f"ANNRefresh: {name} must be a positive integer or None, got {value!r}")
         if top_k < 1:
             raise ValueError(f"ANNRefresh: top_k must be >= 1, got {top_k}")
