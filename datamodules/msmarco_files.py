@@ -37,7 +37,8 @@ import numpy as np
 
 from datamodules.id_lists import IdLists
 from datamodules.metadata import DatasetFormatError
-from datamodules.text_collection import BLOCK_BYTES, LazyTextCollection, parse_int_fields
+from datamodules.text_collection import LazyTextCollection
+from datamodules.tsv_blocks import BLOCK_BYTES, iter_line_blocks, parse_int_fields
 
 
 @dataclass
@@ -161,46 +162,26 @@ def iter_int_rows(path: str | Path, columns: int, form: str) -> Iterator[tuple[i
     """Blocks of a tab-separated table of ``columns`` integers per line: ``(first line number, values int64 [n, columns])``,
     parsed vectorised. A line with another field count or a non-integer field names file and line."""
     path = Path(path)
-    line_base, carry = 0, b""
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(BLOCK_BYTES)
-            block = carry + data
-            if not data:
-                if not block.strip():
-                    return
-                block += b"\n"
-            buf = np.frombuffer(block, dtype=np.uint8)
-            newlines = np.flatnonzero(buf == 10)
-            if len(newlines) == 0:
-                carry = block
-                continue
-            used = int(newlines[-1]) + 1
-            starts = np.concatenate([[0], newlines[:-1] + 1]).astype(np.int64)
-            ends = newlines.astype(np.int64)
-            ends -= (buf[np.maximum(ends - 1, 0)] == 13) & (ends > starts)
-            tabs = np.flatnonzero(buf[:used] == 9).astype(np.int64)
-            first = np.searchsorted(tabs, starts)
-            count = np.searchsorted(tabs, ends) - first
-            wrong = np.flatnonzero(count != columns - 1)
-            if len(wrong):
-                i = int(wrong[0])
-                raise DatasetFormatError(f"{path} line {line_base + i + 1}: expected '{form}' ({columns} tab-separated integers), "
-                                         f"got {block[starts[i]:ends[i]].decode('utf-8', errors='replace')!r}")
-            out = np.empty((len(starts), columns), dtype=np.int64)
-            for c in range(columns):
-                field_start = starts if c == 0 else tabs[first + c - 1] + 1
-                field_end = ends if c == columns - 1 else tabs[first + c]
-                out[:, c], bad = parse_int_fields(buf, field_start, field_end)
-                if bad.any():
-                    i = int(np.flatnonzero(bad)[0])
-                    raise DatasetFormatError(f"{path} line {line_base + i + 1}: expected '{form}', field {c + 1} is not an integer: "
-                                             f"{block[starts[i]:ends[i]].decode('utf-8', errors='replace')!r}")
-            yield line_base + 1, out
-            line_base += len(starts)
-            carry = block[used:]
-            if not data:
-                return
+    for lines in iter_line_blocks(path, BLOCK_BYTES, skip_blank_tail=True):
+        block, buf, starts, ends, line_base = lines.block, lines.buf, lines.starts, lines.ends, lines.lines_before
+        tabs = np.flatnonzero(buf[:lines.used] == 9).astype(np.int64)
+        first = np.searchsorted(tabs, starts)
+        count = np.searchsorted(tabs, ends) - first
+        wrong = np.flatnonzero(count != columns - 1)
+        if len(wrong):
+            i = int(wrong[0])
+            raise DatasetFormatError(f"{path} line {line_base + i + 1}: expected '{form}' ({columns} tab-separated integers), "
+                                     f"got {block[starts[i]:ends[i]].decode('utf-8', errors='replace')!r}")
+        out = np.empty((len(starts), columns), dtype=np.int64)
+        for c in range(columns):
+            field_start = starts if c == 0 else tabs[first + c - 1] + 1
+            field_end = ends if c == columns - 1 else tabs[first + c]
+            out[:, c], bad = parse_int_fields(buf, field_start, field_end)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise DatasetFormatError(f"{path} line {line_base + i + 1}: expected '{form}', field {c + 1} is not an integer: "
+                                         f"{block[starts[i]:ends[i]].decode('utf-8', errors='replace')!r}")
+        yield line_base + 1, out
 
 
 def _cap_per_key(keys: np.ndarray, counts: np.ndarray, cap: int) -> np.ndarray:

@@ -8,8 +8,8 @@ read when asked for (``os.pread`` of its bytes, decoded then). The arrays take 1
 
 Design:
 
-- The pass reads the file in binary blocks and finds newlines, tabs and the digits of the id with
-  vectorised numpy, never splitting lines into Python objects (``benchmarks/text_collection.py``
+- The pass reads the file in binary blocks (``datamodules.tsv_blocks``) and finds newlines, tabs and
+  the digits of the id with vectorised numpy, never splitting lines into Python objects (``benchmarks/text_collection.py``
   measures it; ``docs/msmarco.md`` has the numbers).
 - The cache ``<file>.hardneg-index.npz`` records the file's size and modification time, the column
   choice and a format version; a mismatch on any of them rebuilds it. It is written to a temporary
@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.metadata import DatasetFormatError
+from datamodules.tsv_blocks import BLOCK_BYTES, iter_line_blocks, parse_int_fields
 
 FORMAT_VERSION = 1
 CACHE_SUFFIX = ".hardneg-index.npz"
-BLOCK_BYTES = 8 << 20  # bytes read per step of the indexing pass
-MAX_ID_DIGITS = 18  # every 18-digit decimal fits in int64
 
 
 def default_cache_dir() -> Path:
@@ -51,31 +50,6 @@ def default_cache_dir() -> Path:
 def _show(line: bytes, limit: int = 80) -> str:
     text = line.decode("utf-8", errors="replace").rstrip("\r\n")
     return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def parse_int_fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal integers in ``buf[starts[i]:ends[i]]`` (optional leading ``-``), vectorised over fields.
-
-    Returns ``(values int64 [N], bad bool [N])``; ``bad`` marks empty fields, non-digits and more than
-    ``MAX_ID_DIGITS`` digits (their value is meaningless).
-    """
-    starts = np.asarray(starts, dtype=np.int64)
-    ends = np.asarray(ends, dtype=np.int64)
-    n = len(starts)
-    values = np.zeros(n, dtype=np.int64)
-    if n == 0:
-        return values, np.zeros(0, dtype=bool)
-    nonempty = ends > starts
-    negative = nonempty & (buf[np.where(nonempty, starts, 0)] == ord("-"))
-    first = starts + negative
-    digits = ends - first
-    bad = (digits <= 0) | (digits > MAX_ID_DIGITS)
-    for d in range(int(min(digits.max(initial=0), MAX_ID_DIGITS))):
-        present = d < digits
-        ch = buf[np.where(present, first + d, 0)].astype(np.int64) - ord("0")
-        bad |= present & ((ch < 0) | (ch > 9))
-        values = np.where(present, values * 10 + ch, values)
-    return np.where(negative, -values, values), bad
 
 
 class LazyTextCollection(Sequence):
@@ -293,37 +267,10 @@ class LazyTextCollection(Sequence):
         the ids (``None`` when they already ascend). Errors name the file and line."""
         need_tabs = max(self.id_column or 0, self.text_column)
         offsets_parts, id_parts = [], []
-        line_base = 0  # lines before the current block
-        file_pos = 0  # byte offset of the current block
-        carry = b""
-        with open(self.path, "rb") as f:
-            while True:
-                data = f.read(BLOCK_BYTES)
-                at_end = not data
-                block = carry + data if carry else data
-                if at_end:
-                    if not block:
-                        break
-                    block += b"\n"  # a last line without a line break
-                buf = np.frombuffer(block, dtype=np.uint8)
-                newlines = np.flatnonzero(buf == 10)
-                if len(newlines) == 0:
-                    carry = block
-                    continue
-                used = int(newlines[-1]) + 1
-                starts = np.empty(len(newlines), dtype=np.int64)
-                starts[0] = 0
-                starts[1:] = newlines[:-1] + 1
-                ends = newlines.astype(np.int64)
-                ends -= (buf[np.maximum(ends - 1, 0)] == 13) & (ends > starts)  # CRLF
-                ids = self._parse_block(block, buf[:used], starts, ends, need_tabs, line_base)
-                offsets_parts.append(starts + file_pos)
-                id_parts.append(ids)
-                line_base += len(newlines)
-                file_pos += used
-                carry = block[used:]
-                if at_end:
-                    break
+        for lines in iter_line_blocks(self.path, BLOCK_BYTES):
+            ids = self._parse_block(lines.block, lines.buf[:lines.used], lines.starts, lines.ends, need_tabs, lines.lines_before)
+            offsets_parts.append(lines.starts + lines.file_pos)
+            id_parts.append(ids)
         size = os.path.getsize(self.path)
         offsets = np.concatenate([*offsets_parts, np.array([size], dtype=np.int64)]) if offsets_parts else np.array([size], dtype=np.int64)
         ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
