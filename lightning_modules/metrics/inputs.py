@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contracts.arguments import is_int_at_least
+
 Distance = Literal["cosine", "euclidean"]
 ArrayLike = Tensor | np.ndarray
 DISTANCES = ("cosine", "euclidean")
@@ -42,11 +44,16 @@ def check_finite(t: Tensor, name: str) -> None:
 
 
 def as_labels(x: Any, name: str, n: int, emb_name: str) -> Tensor:
+    return _as_int_vector(x, name, n, emb_name, " of class labels", "one label per embedding")
+
+
+def _as_int_vector(x: Any, name: str, n: int, emb_name: str, what: str, expected: str) -> Tensor:
+    """``x`` as a long tensor ``[n]`` of integers (one per row of ``emb_name``), or the error naming ``what`` it should be."""
     t = as_tensor(x, name)
     if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer array [N] of class labels, got {describe(t)}")
+        raise ValueError(f"{name} must be an integer array [N]{what}, got {describe(t)}")
     if len(t) != n:
-        raise ValueError(f"{name} has {len(t)} entries but {emb_name} has {n} rows; expected one label per embedding")
+        raise ValueError(f"{name} has {len(t)} entries but {emb_name} has {n} rows; expected {expected}")
     return t.long()
 
 
@@ -77,19 +84,15 @@ def check_update(emb: Tensor, labels: Tensor, index: Tensor | None, owner: str) 
 
 
 def check_chunk(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not is_int_at_least(chunk_size, 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
 def as_index(x: Any, name: str, n: int, emb_name: str) -> Tensor:
-    t = as_tensor(x, name)
-    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer array [N], got {describe(t)}")
-    if len(t) != n:
-        raise ValueError(f"{name} has {len(t)} entries but {emb_name} has {n} rows; expected one per row")
+    t = _as_int_vector(x, name, n, emb_name, "", "one per row")
     if len(t) and int(t.min()) < 0:
         raise ValueError(f"{name} has negative entries (first at position {int((t < 0).nonzero()[0])}); expected indices >= 0")
-    return t.long()
+    return t
 
 
 def check_batch(emb: Any, owner: str, name: str) -> Tensor:

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from contracts.arguments import is_int_at_least
 from contracts.index import DEFAULT_CHUNK, ArrayLike, IndexKind, merge_topk
 from lightning_modules.metrics.inputs import as_tensor, check_ks, describe
 from lightning_modules.metrics.sharded import comm_device, distributed_world, iter_sharded_search
@@ -215,7 +216,7 @@ def check_options(
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     for name, value in (("mrr_k", mrr_k), ("ndcg_k", ndcg_k), ("chunk", chunk)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int_at_least(value, 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return ks, (mrr_k, ndcg_k)
 
