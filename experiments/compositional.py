@@ -19,7 +19,7 @@ cosine similarity, a tie wrong) with the macro mean over categories:
 - ``--sugarcrepe-pp DIR --coco-images DIR``: SugarCrepe++ (Dumpala et al., NeurIPS 2024), ITT and
   TOT per category. Keys ``sugarcrepe_pp_<category>_itt`` / ``_tot``.
 - ``--scenes ROOT``: the offline compositional test set of the Fashion-MNIST scenes under ``ROOT``
-  (``datamodules.fashion_scenes.generate_compositional_test``, written when absent), image -> text
+  (``datamodules.compositional_test_set.generate_compositional_test``, written when absent), image -> text
   (SugarCrepe's accuracy) and text -> image (the negative image). Keys ``comp_<category>`` and
   ``comp_<category>_t2i``, those of ``experiments.callbacks.CompositionalReport``.
 
@@ -154,7 +154,7 @@ def score_scenes(model: Any, samples: Mapping[str, Sequence[Any]], transform: Ca
     """The offline compositional test set per category: image -> text accuracy (SugarCrepe's,
     ``{prefix}{category}``) and text -> image accuracy against the negative image
     (``{prefix}{category}_t2i``), plus the means ``{prefix}mean`` and ``{prefix}mean_t2i``.
-    ``samples``: ``datamodules.fashion_scenes.read_compositional_test``."""
+    ``samples``: ``datamodules.compositional_test_set.read_compositional_test``."""
     from lightning_modules.metrics.compositional import negative_image_accuracy, sugarcrepe_accuracy
 
     flat, spans = _flatten(samples)
@@ -318,7 +318,7 @@ def read_benchmark(args: argparse.Namespace) -> tuple[str, dict[str, list[Any]]]
         from datamodules.sugarcrepe import SUGARCREPE_PP_CATEGORIES, read_sugarcrepe_pp
 
         return "sugarcrepe_pp", read_sugarcrepe_pp(args.sugarcrepe_pp, args.coco_images, args.categories or SUGARCREPE_PP_CATEGORIES)
-    from datamodules.fashion_scenes import generate_compositional_test, read_compositional_test
+    from datamodules.compositional_test_set import generate_compositional_test, read_compositional_test
 
     return "scenes", read_compositional_test(generate_compositional_test(args.scenes, args.categories))
 

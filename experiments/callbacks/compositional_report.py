@@ -1,6 +1,6 @@
 """``CompositionalReport``: per-category compositional accuracy of a CLIP run on the offline scenes, before and after training.
 
-The set is the scenes' compositional test set (``datamodules.fashion_scenes.generate_compositional_test``:
+The set is the scenes' compositional test set (``datamodules.compositional_test_set.generate_compositional_test``:
 one negative caption and its rendered image per held-out test scene and category), written beside
 the scenes the first time a run asks for it. The scores are those of ``hardneg compositional
 --scenes`` (``experiments.compositional.score_scenes``): per category the SugarCrepe accuracy
@@ -70,7 +70,7 @@ class CompositionalReport(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """The scores of ``pl_module.model`` (rank 0 only: reads and writes files)."""
-        from datamodules.fashion_scenes import generate_compositional_test, read_compositional_test
+        from datamodules.compositional_test_set import generate_compositional_test, read_compositional_test
         from experiments.compositional import check_image_text, image_transform, model_tokenizer, score_scenes
 
         model = getattr(pl_module, "model", None)

@@ -18,15 +18,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from datamodules.fashion_scenes import (
-    COMPOSITIONAL_TEST,
-    NEGATIVE_RULES,
-    generate_compositional_test,
-    generate_scenes,
-    is_held_out,
-    read_compositional_test,
-    read_specs,
-)
+from datamodules.compositional_test_set import COMPOSITIONAL_TEST, generate_compositional_test, read_compositional_test
+from datamodules.fashion_scenes import NEGATIVE_RULES, generate_scenes, is_held_out, read_specs
 from datamodules.metadata import DatasetFormatError
 from datamodules.sugarcrepe import SUGARCREPE_CATEGORIES, SUGARCREPE_PP_CATEGORIES
 from experiments import compositional
